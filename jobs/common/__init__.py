@@ -1,0 +1,1 @@
+"""Code shared by the stages: settings, storage, dataset specs, features and model."""

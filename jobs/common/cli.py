@@ -1,0 +1,68 @@
+"""What every stage's ``main()`` does: logging, the argument parser, the result file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from jobs.common import settings, storage
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Configure the root logger once, from a stage's ``main()`` (never at import)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True
+    )
+    for noisy in ("py4j", "urllib3", "alembic", "botocore", "fsspec", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every stage shares."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--result-path",
+        default=None,
+        help=f"where to write the JSON result (default: ${settings.XCOM_PATH_ENV_VAR} "
+        f"or {settings.DEFAULT_XCOM_PATH})",
+    )
+    p.add_argument("--verbose", action="store_true", help="log at debug level")
+    return p
+
+
+def write_result(result: dict[str, Any], result_path: str | None = None) -> str:
+    """Write a stage's JSON result where Airflow collects it and log it."""
+    path = result_path or settings.xcom_path()
+    storage.write_json(path, result)
+    logger.info("result written to %s", path)
+    logger.debug("result: %s", json.dumps(result, default=str))
+    return path
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Stop the stage with a one-line error a user can act on, not a stack trace."""
+    logger.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def int_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise SystemExit(f"error: {name}={value!r} is not an integer") from exc

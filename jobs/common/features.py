@@ -1,0 +1,172 @@
+"""The feature list and the preprocessing every stage shares after the ETL.
+
+The ETL (:mod:`jobs.etl`) computes the windowed features named here from a dataset
+spec's roles; training, evaluation, export and serving turn a feature table into model
+inputs with :class:`Preprocessor`, whose vocabularies and scalers are learned on the
+training split only and persisted as JSON beside the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from jobs.common.datasets import DatasetSpec
+
+# Windowed counts: (feature name, entity roles, window length in seconds).
+WINDOW_COUNTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
+    ("ip_clicks_1m", ("ip",), 60),
+    ("ip_clicks_1h", ("ip",), 3_600),
+    ("ip_clicks_1d", ("ip",), 86_400),
+    ("ip_device_clicks_1h", ("ip", "device"), 3_600),
+    ("ip_app_clicks_1h", ("ip", "app"), 3_600),
+    ("ip_channel_clicks_1d", ("ip", "channel"), 86_400),
+)
+
+# Seconds since the previous click of the same entity; absent history reads as this.
+GAP_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ip_secs_since_prev", ("ip",)),
+    ("ip_device_secs_since_prev", ("ip", "device")),
+    ("ip_app_secs_since_prev", ("ip", "app")),
+)
+NO_PREVIOUS_CLICK_S = 7 * 86_400
+
+# Distinct values of a role seen so far from the same IP.
+DISTINCT_FEATURES: tuple[tuple[str, str], ...] = (
+    ("ip_distinct_devices", "device"),
+    ("ip_distinct_apps", "app"),
+)
+
+CALENDAR_FEATURES = ("hour_of_day",)
+
+# Categorical vocabularies keep at most this many values, each seen at least
+# MIN_VOCAB_COUNT times in the training split; the rest share the out-of-vocabulary id 0.
+MAX_VOCAB_SIZE = 5_000
+MIN_VOCAB_COUNT = 2
+OOV_INDEX = 0
+
+
+def derived_numeric(spec: DatasetSpec) -> list[str]:
+    """Names of the numeric features the ETL derives, in model input order."""
+    names = [name for name, _, _ in WINDOW_COUNTS]
+    names += [name for name, _ in GAP_FEATURES]
+    names += [name for name, _ in DISTINCT_FEATURES]
+    names += list(CALENDAR_FEATURES)
+    return names
+
+
+def numeric_features(spec: DatasetSpec) -> list[str]:
+    """All numeric model inputs: derived features, then the spec's raw numeric columns."""
+    return derived_numeric(spec) + list(spec.numeric)
+
+
+def categorical_features(spec: DatasetSpec) -> list[str]:
+    return list(spec.categorical)
+
+
+def feature_spec_hash(spec: DatasetSpec) -> str:
+    """A hash of everything that defines the model inputs: two models with the same hash
+    can be scored on the same feature table."""
+    blob = json.dumps(
+        {
+            "dataset": spec.fingerprint(),
+            "windows": WINDOW_COUNTS,
+            "gaps": GAP_FEATURES,
+            "distinct": DISTINCT_FEATURES,
+            "calendar": CALENDAR_FEATURES,
+            "no_previous_click_s": NO_PREVIOUS_CLICK_S,
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Preprocessor:
+    """Turns a feature table into the model's two inputs: categorical ids and numbers.
+
+    Categorical values map to ``1..K`` by vocabulary; anything unseen or null maps to
+    :data:`OOV_INDEX`. Numeric features go through ``log1p`` (all are non-negative counts,
+    gaps or costs) and are standardized with the training split's mean and std.
+
+    :param dataset: the dataset spec name.
+    :param categorical: column name -> vocabulary (values as strings, in id order from 1).
+    :param numeric: column name -> {"mean": ..., "std": ...} of ``log1p(value)``.
+    :param feature_spec_hash: :func:`feature_spec_hash` of the spec it was fitted for.
+    """
+
+    dataset: str
+    categorical: dict[str, list[str]]
+    numeric: dict[str, dict[str, float]]
+    feature_spec_hash: str
+    _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def categorical_columns(self) -> list[str]:
+        return list(self.categorical)
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        return list(self.numeric)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        """Embedding table sizes, the OOV id included."""
+        return [len(vocab) + 1 for vocab in self.categorical.values()]
+
+    def _lookup(self, column: str) -> dict[str, int]:
+        if column not in self._index:
+            self._index[column] = {value: i + 1 for i, value in enumerate(self.categorical[column])}
+        return self._index[column]
+
+    def transform(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Model inputs for ``frame``: int64 ``[n, n_categorical]`` and float32 ``[n, n_numeric]``."""
+        missing = [c for c in [*self.categorical, *self.numeric] if c not in frame.columns]
+        if missing:
+            raise KeyError(f"feature table lacks columns {missing}")
+        cats = np.empty((len(frame), len(self.categorical)), dtype=np.int64)
+        for j, column in enumerate(self.categorical):
+            lookup = self._lookup(column)
+            values = frame[column].astype("string").fillna("")
+            cats[:, j] = values.map(lookup).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
+        nums = np.empty((len(frame), len(self.numeric)), dtype=np.float32)
+        for j, (column, stats) in enumerate(self.numeric.items()):
+            raw = pd.to_numeric(frame[column], errors="coerce").astype("float64").fillna(0.0).to_numpy()
+            nums[:, j] = (np.log1p(np.clip(raw, 0.0, None)) - stats["mean"]) / stats["std"]
+        return cats, nums
+
+    def to_dict(self) -> dict[str, Any]:
+        # Input order is explicit: JSON writers may sort object keys.
+        return {
+            "dataset": self.dataset,
+            "categorical": self.categorical,
+            "categorical_order": list(self.categorical),
+            "numeric": self.numeric,
+            "numeric_order": list(self.numeric),
+            "feature_spec_hash": self.feature_spec_hash,
+        }
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> Preprocessor:
+        cat_order = payload.get("categorical_order") or list(payload["categorical"])
+        num_order = payload.get("numeric_order") or list(payload["numeric"])
+        return cls(
+            dataset=payload["dataset"],
+            categorical={k: list(payload["categorical"][k]) for k in cat_order},
+            numeric={k: dict(payload["numeric"][k]) for k in num_order},
+            feature_spec_hash=payload["feature_spec_hash"],
+        )
+
+
+def numeric_stats(log_sum: float, log_sq_sum: float, count: int) -> dict[str, float]:
+    """Mean and std of ``log1p(x)`` from running sums; a constant column gets std 1."""
+    mean = log_sum / count if count else 0.0
+    var = max(log_sq_sum / count - mean * mean, 0.0) if count else 0.0
+    std = math.sqrt(var)
+    return {"mean": mean, "std": std if std > 1e-9 else 1.0}

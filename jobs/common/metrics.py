@@ -1,0 +1,77 @@
+"""Classification metrics and plots shared by ``evaluate`` and ``register``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def ranking_metrics(label: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
+    """AUC-ROC, PR-AUC (average precision) and Brier score; None where undefined."""
+    label = np.asarray(label, dtype=np.int64)
+    score = np.asarray(score, dtype=np.float64)
+    both = 0 < label.sum() < len(label)
+    return {
+        "auc": float(skm.roc_auc_score(label, score)) if both else None,
+        "pr_auc": float(skm.average_precision_score(label, score)) if both else None,
+        "brier": float(skm.brier_score_loss(label, score)) if len(label) else None,
+        "rows": int(len(label)),
+        "positives": int(label.sum()),
+    }
+
+
+def choose_threshold(label: np.ndarray, score: np.ndarray) -> float:
+    """The score threshold that maximises F1 on ``label`` (use the validation split)."""
+    precision, recall, thresholds = skm.precision_recall_curve(label, score)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
+    if len(thresholds) == 0:
+        return 0.5
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def at_threshold(label: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Precision, recall, F1 and the confusion matrix of ``score >= threshold``."""
+    label = np.asarray(label, dtype=np.int64)
+    pred = (np.asarray(score) >= threshold).astype(np.int64)
+    tn, fp, fn, tp = skm.confusion_matrix(label, pred, labels=[0, 1]).ravel()
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "threshold": float(threshold),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def plot_curves(label: np.ndarray, score: np.ndarray, title: str, path: str) -> None:
+    """ROC, precision-recall and reliability curves side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fpr, tpr, _ = skm.roc_curve(label, score)
+    axes[0].plot(fpr, tpr, label=f"AUC {skm.roc_auc_score(label, score):.4f}")
+    axes[0].plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    precision, recall, _ = skm.precision_recall_curve(label, score)
+    axes[1].plot(recall, precision, label=f"PR-AUC {skm.average_precision_score(label, score):.4f}")
+    axes[1].axhline(label.mean(), linestyle="--", color="grey", linewidth=0.8)
+    axes[1].set(xlabel="recall", ylabel="precision", title="Precision-recall")
+    frac, mean_pred = calibration_curve(label, score, n_bins=10, strategy="quantile")
+    axes[2].plot(mean_pred, frac, marker="o")
+    axes[2].plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    axes[2].set(xlabel="mean predicted probability", ylabel="observed rate", title="Reliability")
+    for ax in axes[:2]:
+        ax.legend(loc="lower right" if ax is axes[0] else "upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,270 @@
+"""The one training loop behind ``tune`` and ``train``, whatever the backend.
+
+A :class:`Backend` says how gradients are synchronised: not at all (one process, as in
+a Ray Tune trial), by torch.distributed (DDP over gloo or NCCL) or by Horovod. The loop
+itself is the same: class-weighted BCE on logits, Adam with weight decay, early
+stopping on validation PR-AUC, the best epoch's weights kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from jobs.common import storage
+from jobs.common.datasets import DatasetSpec
+from jobs.common.features import Preprocessor
+from jobs.common.model import FraudNet, ModelConfig, predict_proba
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run; ``tune`` searches over them.
+
+    :param lr: Adam learning rate.
+    :param batch_size: global batch size, split across workers.
+    :param weight_decay: L2 penalty (AdamW).
+    :param dropout: dropout after each hidden layer.
+    :param hidden: hidden layer sizes.
+    :param max_embedding_dim: cap on embedding width.
+    :param epochs: maximum number of epochs.
+    :param patience: epochs without a better validation PR-AUC before stopping.
+    :param pos_weight: weight of label-1 rows in the loss; 0 means negatives / positives.
+    :param seed: seed for weights and batch order.
+    """
+
+    lr: float = 3e-3
+    batch_size: int = 1024
+    weight_decay: float = 1e-5
+    dropout: float = 0.1
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    max_embedding_dim: int = 16
+    epochs: int = 8
+    patience: int = 3
+    pos_weight: float = 0.0
+    seed: int = 7
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> TrainConfig:
+        known = {k: v for k, v in payload.items() if k in cls.__dataclass_fields__}
+        if "hidden" in known and isinstance(known["hidden"], str):
+            known["hidden"] = [int(x) for x in known["hidden"].split(",") if x]
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SplitArrays:
+    """Model inputs and labels of one split."""
+
+    categorical: np.ndarray
+    numeric: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+def load_split(uri: str, spec: DatasetSpec, pre: Preprocessor) -> tuple[pd.DataFrame, SplitArrays]:
+    """Read a split written by the ETL, in event order, and its model inputs."""
+    frame = storage.read_table(uri).to_pandas()
+    frame = frame.sort_values([spec.timestamp, spec.event_id], kind="stable").reset_index(drop=True)
+    cats, nums = pre.transform(frame)
+    return frame, SplitArrays(cats, nums, frame[spec.label].to_numpy(dtype=np.float32))
+
+
+class Backend:
+    """No synchronisation: one process does all the work."""
+
+    name = "single"
+    rank = 0
+    world_size = 1
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        return net
+
+    def optimizer(self, opt: torch.optim.Optimizer, net: nn.Module) -> torch.optim.Optimizer:
+        return opt
+
+    def broadcast(self, net: nn.Module) -> None:
+        """Make every worker start from rank 0's weights."""
+
+    def close(self) -> None:
+        """Release the process group, if any."""
+
+
+class TorchDistributedBackend(Backend):
+    """torch.distributed with DDP; started by torchrun (gloo on CPU, NCCL on GPU)."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        logger.info("torch.distributed %s: rank %d of %d", backend, self.rank, self.world_size)
+
+    def wrap(self, net: nn.Module) -> nn.Module:
+        return nn.parallel.DistributedDataParallel(net)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+class HorovodBackend(Backend):
+    """Horovod allreduce through its DistributedOptimizer; started by horovodrun."""
+
+    name = "horovod"
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd  # imported here: horovod is optional
+
+        hvd.init()
+        self._hvd = hvd
+        self.rank = hvd.rank()
+        self.world_size = hvd.size()
+        logger.info("horovod: rank %d of %d", self.rank, self.world_size)
+
+    def optimizer(self, opt: torch.optim.Optimizer, net: nn.Module) -> torch.optim.Optimizer:
+        return self._hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
+
+    def broadcast(self, net: nn.Module) -> None:
+        self._hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def average_precision(label: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(label, score)) if 0 < label.sum() < len(label) else float("nan")
+
+
+def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(label, score)) if 0 < label.sum() < len(label) else float("nan")
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def fit(
+    config: TrainConfig,
+    pre: Preprocessor,
+    train: SplitArrays,
+    validation: SplitArrays,
+    backend: Backend | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> tuple[FraudNet, dict[str, Any]]:
+    """Train :class:`FraudNet` and return the best epoch's model with a summary.
+
+    Every worker holds the whole training split and takes an equal, disjoint share of
+    each epoch's shuffled order, so all workers make the same number of steps. Every
+    worker scores the whole validation split with the synchronised weights, so all reach
+    the same early-stopping decision without talking to each other.
+    """
+    backend = backend or Backend()
+    seed_everything(config.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // backend.world_size))
+
+    # Model, loss and optimizer.
+    net = FraudNet(
+        ModelConfig(
+            cardinalities=pre.cardinalities,
+            n_numeric=len(pre.numeric_columns),
+            hidden=list(config.hidden),
+            dropout=config.dropout,
+            max_embedding_dim=config.max_embedding_dim,
+        )
+    )
+    backend.broadcast(net)
+    model = backend.wrap(net)
+    positives = float(train.label.sum())
+    if positives == 0:
+        raise ValueError("the training split has no positive labels")
+    pos_weight = config.pos_weight or (len(train) - positives) / positives
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
+    opt = backend.optimizer(
+        torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay), net
+    )
+    local_batch = max(1, config.batch_size // backend.world_size)
+    cats = torch.from_numpy(train.categorical)
+    nums = torch.from_numpy(train.numeric)
+    labels = torch.from_numpy(train.label)
+
+    # Epochs with early stopping on validation PR-AUC.
+    best: dict[str, Any] = {"val_pr_auc": -1.0, "epoch": 0}
+    best_state = copy.deepcopy(net.state_dict())
+    history: list[dict[str, float]] = []
+    stale = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = np.random.default_rng(config.seed + epoch).permutation(len(train))
+        usable = (len(order) // backend.world_size) * backend.world_size
+        shard = torch.from_numpy(order[:usable][backend.rank :: backend.world_size])
+        total, steps = 0.0, 0
+        for start in range(0, len(shard), local_batch):
+            idx = shard[start : start + local_batch]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(cats[idx], nums[idx]), labels[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        scores = predict_proba(net, validation.categorical, validation.numeric)
+        metrics = {
+            "train_loss": total / max(steps, 1),
+            "val_auc": roc_auc(validation.label, scores),
+            "val_pr_auc": average_precision(validation.label, scores),
+        }
+        history.append({"epoch": epoch, **metrics})
+        if backend.rank == 0:
+            logger.info(
+                "epoch %d/%d: loss %.4f, val AUC %.4f, val PR-AUC %.4f",
+                epoch, config.epochs, metrics["train_loss"], metrics["val_auc"], metrics["val_pr_auc"],
+            )
+        if on_epoch:
+            on_epoch(epoch, metrics)
+        score = metrics["val_pr_auc"] if not math.isnan(metrics["val_pr_auc"]) else metrics["val_auc"]
+        if score > best["val_pr_auc"]:
+            best = {"val_pr_auc": score, "val_auc": metrics["val_auc"], "epoch": epoch}
+            best_state = copy.deepcopy(net.state_dict())
+            stale = 0
+        else:
+            stale += 1
+            if stale >= config.patience:
+                if backend.rank == 0:
+                    logger.info("early stop after epoch %d: best epoch %d", epoch, best["epoch"])
+                break
+
+    net.load_state_dict(best_state)
+    net.eval()
+    summary = {"best_epoch": best["epoch"], "best_val_pr_auc": best["val_pr_auc"],
+               "best_val_auc": best.get("val_auc"), "pos_weight": pos_weight, "history": history,
+               "epochs_run": len(history), "world_size": backend.world_size, "backend": backend.name}
+    return net, summary

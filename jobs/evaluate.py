@@ -1,0 +1,140 @@
+"""Evaluate a trained model on the test split, with a threshold chosen on validation.
+
+Reports AUC-ROC, PR-AUC and Brier score on the test split, precision, recall and the
+confusion matrix at the validation-chosen threshold, metrics per segment, and (on
+synthetic data) the generator's Bayes-optimal AUC on the same rows. ROC, PR and
+reliability curves go to a PNG; everything is logged to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import numpy as np
+import pandas as pd
+
+from jobs.common import cli, datasets, metrics, storage, tracking
+from jobs.common.features import Preprocessor
+from jobs.common.model import load_checkpoint, predict_proba
+from jobs.common.training import load_split
+
+logger = logging.getLogger(__name__)
+
+# Segments with fewer rows than this are not reported on their own.
+MIN_SEGMENT_ROWS = 200
+MAX_SEGMENTS = 10
+
+
+def load_model(model_uri: str):
+    """The network and preprocessor saved by ``train`` under ``model_uri``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.pt")
+        with open(local, "wb") as handle:
+            handle.write(storage.read_bytes(storage.join(model_uri, "model.pt")))
+        net, _ = load_checkpoint(local)
+    pre = Preprocessor.from_dict(storage.read_json(storage.join(model_uri, "preprocessor.json")))
+    return net, pre
+
+
+def score_split(net, pre: Preprocessor, uri: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    spec = datasets.get(pre.dataset)
+    frame, arrays = load_split(uri, spec, pre)
+    return frame, arrays.label.astype(np.int64), predict_proba(net, arrays.categorical, arrays.numeric)
+
+
+def segment_metrics(frame: pd.DataFrame, label: np.ndarray, score: np.ndarray, column: str) -> dict:
+    out = {}
+    counts = frame[column].astype("string").value_counts()
+    for value in counts.index[:MAX_SEGMENTS]:
+        mask = (frame[column].astype("string") == value).to_numpy()
+        if mask.sum() < MIN_SEGMENT_ROWS:
+            continue
+        out[str(value)] = metrics.ranking_metrics(label[mask], score[mask])
+    return out
+
+
+def run(model_uri: str, features_uri: str, output_uri: str, mlflow_run_id: str | None) -> dict:
+    import mlflow
+
+    net, pre = load_model(model_uri)
+    spec = datasets.get(pre.dataset)
+
+    # Threshold on validation, metrics on test.
+    _, val_label, val_score = score_split(net, pre, storage.join(features_uri, "validation"))
+    test_frame, test_label, test_score = score_split(net, pre, storage.join(features_uri, "test"))
+    threshold = metrics.choose_threshold(val_label, val_score)
+    test = metrics.ranking_metrics(test_label, test_score)
+    validation = metrics.ranking_metrics(val_label, val_score)
+    at = metrics.at_threshold(test_label, test_score, threshold)
+    result = {
+        "dataset": spec.name,
+        "label": spec.label,
+        "label_meaning": spec.label_meaning,
+        "test_auc": test["auc"],
+        "test_pr_auc": test["pr_auc"],
+        "test_brier": test["brier"],
+        "test_rows": test["rows"],
+        "test_positives": test["positives"],
+        "validation_auc": validation["auc"],
+        "validation_pr_auc": validation["pr_auc"],
+        **{f"test_{k}": v for k, v in at.items()},
+    }
+    if "fraud_probability" in test_frame.columns:
+        bayes = metrics.ranking_metrics(test_label, test_frame["fraud_probability"].to_numpy())
+        result["test_bayes_auc"] = bayes["auc"]
+        if bayes["auc"] and test["auc"]:
+            result["auc_fraction_of_bayes"] = test["auc"] / bayes["auc"]
+    if spec.segment:
+        result["segments"] = {spec.segment: segment_metrics(test_frame, test_label, test_score, spec.segment)}
+    logger.info(
+        "test AUC %.4f, PR-AUC %.4f on %d rows (%d positive); at threshold %.4f: precision %.3f, recall %.3f",
+        test["auc"] or float("nan"), test["pr_auc"] or float("nan"), test["rows"], test["positives"],
+        threshold, at["precision"], at["recall"],
+    )
+
+    # Scores, metrics and plots to the output URI and MLflow.
+    scores = pd.DataFrame({spec.event_id: test_frame[spec.event_id], "label": test_label, "score": test_score})
+    import pyarrow as pa
+
+    storage.write_table(pa.Table.from_pandas(scores, preserve_index=False), storage.join(output_uri, "test_scores"))
+    storage.write_json(storage.join(output_uri, "metrics.json"), result)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = os.path.join(tmp, "test_curves.png")
+        metrics.plot_curves(test_label, test_score, f"{spec.name}: test split ({spec.label})", plot)
+        with open(plot, "rb") as handle:
+            storage.write_bytes(storage.join(output_uri, "test_curves.png"), handle.read())
+        if mlflow_run_id:
+            tracking.configure()
+            with mlflow.start_run(run_id=mlflow_run_id):
+                flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
+                flat.update({f"test_{k}": v for k, v in at["confusion_matrix"].items()})
+                mlflow.log_metrics({k: float(v) for k, v in flat.items() if k != "test_threshold"} | {
+                    "test_threshold": threshold})
+                mlflow.log_artifact(plot, artifact_path="evaluation")
+                mlflow.log_dict(result, "evaluation/metrics.json")
+    result.update({
+        "metrics_uri": storage.join(output_uri, "metrics.json"),
+        "plot_uri": storage.join(output_uri, "test_curves.png"),
+        "scores_uri": storage.join(output_uri, "test_scores"),
+        "model_uri": model_uri,
+        "features_uri": features_uri,
+        "mlflow_run_id": mlflow_run_id,
+    })
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser("jobs.evaluate", __doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model URI written by train (model.pt, preprocessor.json)")
+    p.add_argument("--features", required=True, help="ETL output URI (validation/, test/)")
+    p.add_argument("--output", required=True, help="URI for metrics.json, test_scores/ and plots")
+    p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log to (the training run)")
+    args = p.parse_args(argv)
+    cli.configure_logging(args.verbose)
+    cli.write_result(run(args.model, args.features, args.output, args.mlflow_run_id), args.result_path)
+
+
+if __name__ == "__main__":
+    main()
