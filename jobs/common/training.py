@@ -180,6 +180,7 @@ def fit(
     validation: SplitArrays,
     backend: Backend | None = None,
     on_epoch: EpochCallback | None = None,
+    num_threads: int | None = None,
 ) -> tuple[FraudNet, dict[str, Any]]:
     """Train :class:`FraudNet` and return the best epoch's model with a summary.
 
@@ -190,7 +191,7 @@ def fit(
     """
     backend = backend or Backend()
     seed_everything(config.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // backend.world_size))
+    torch.set_num_threads(num_threads or max(1, (os.cpu_count() or 1) // backend.world_size))
 
     # Model, loss and optimizer.
     net = FraudNet(

@@ -1,0 +1,149 @@
+"""Data drift of the newest events against the training reference, with Evidently.
+
+Compares the model's input features of ``--current`` (for example the newest split, or
+features of new events) with ``--reference`` (the champion's training split) using
+Evidently's ``DataDriftPreset``. Writes the report as HTML and JSON, logs both to MLflow
+and says whether the share of drifted columns passed ``--threshold``. With fewer than
+``--min-rows`` current events it reports ``insufficient_data`` and never signals drift.
+Columns constant in both inputs cannot drift and are left out of the test (and listed),
+so the drift share is always defined.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import pandas as pd
+
+from jobs.common import cli, datasets, features, storage, tracking
+
+logger = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_INSUFFICIENT = "insufficient_data"
+
+# Categorical columns with more distinct values than this are compared by their
+# frequency ranks' coverage only (Evidently would build huge tables otherwise).
+MAX_CATEGORICAL_CARDINALITY = 200
+
+
+def load_features(uri: str, columns: list[str], sample_rows: int, seed: int) -> pd.DataFrame:
+    frame = storage.read_table(uri).to_pandas()
+    present = [c for c in columns if c in frame.columns]
+    frame = frame[present]
+    if len(frame) > sample_rows:
+        frame = frame.sample(n=sample_rows, random_state=seed).sort_index()
+    return frame.reset_index(drop=True)
+
+
+def drift_share(snapshot_dict: dict) -> tuple[int, float]:
+    """(drifted column count, share) from an Evidently snapshot's dict."""
+    for metric in snapshot_dict.get("metrics", []):
+        name = str(metric.get("metric_name", "")) + str(metric.get("config", {}).get("type", ""))
+        if "DriftedColumnsCount" in name:
+            value = metric["value"]
+            return int(value["count"]), float(value["share"])
+    raise ValueError("the Evidently report has no DriftedColumnsCount metric")
+
+
+def run(args) -> dict:
+    import mlflow
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    spec = datasets.get(args.dataset)
+    numeric = features.numeric_features(spec)
+    categorical = list(spec.categorical)
+    reference = load_features(args.reference, numeric + categorical, args.sample_rows, args.seed)
+    current = load_features(args.current, numeric + categorical, args.sample_rows, args.seed)
+    result: dict = {
+        "dataset": spec.name,
+        "reference_uri": args.reference,
+        "current_uri": args.current,
+        "reference_rows": len(reference),
+        "current_rows": len(current),
+        "threshold": args.threshold,
+        "min_rows": args.min_rows,
+    }
+
+    # Too little data: say so and never trigger.
+    if len(current) < args.min_rows or len(reference) < args.min_rows:
+        logger.warning("insufficient data for drift: %d current, %d reference rows (need %d)",
+                       len(current), len(reference), args.min_rows)
+        return {**result, "status": STATUS_INSUFFICIENT, "drift_detected": False, "drift_share": None,
+                "report_html_uri": None, "report_json_uri": None, "mlflow_run_id": None}
+
+    # Columns constant on both sides cannot drift and make some tests undefined.
+    both = pd.concat([reference, current], ignore_index=True)
+    constant = [c for c in both.columns if both[c].nunique(dropna=False) <= 1]
+    high_card = [c for c in categorical if c in both.columns and both[c].nunique() > MAX_CATEGORICAL_CARDINALITY]
+    num_cols = [c for c in numeric if c in both.columns and c not in constant]
+    cat_cols = [c for c in categorical if c in both.columns and c not in constant and c not in high_card]
+    if not num_cols and not cat_cols:
+        return {**result, "status": STATUS_OK, "drift_detected": False, "drift_share": 0.0, "drifted_columns": 0,
+                "columns_tested": 0, "constant_columns": constant, "report_html_uri": None,
+                "report_json_uri": None, "mlflow_run_id": None}
+    definition = DataDefinition(numerical_columns=num_cols, categorical_columns=cat_cols)
+    ref_ds = Dataset.from_pandas(reference[num_cols + cat_cols], data_definition=definition)
+    cur_ds = Dataset.from_pandas(current[num_cols + cat_cols], data_definition=definition)
+    snapshot = Report([DataDriftPreset(drift_share=args.threshold)]).run(current_data=cur_ds, reference_data=ref_ds)
+    drifted, share = drift_share(snapshot.dict())
+    detected = share >= args.threshold
+    logger.info("drift: %d of %d columns drifted (share %.3f, threshold %.3f) -> %s", drifted,
+                len(num_cols) + len(cat_cols), share, args.threshold, "DRIFT" if detected else "no drift")
+
+    # Reports to the output URI and MLflow.
+    with tempfile.TemporaryDirectory() as tmp:
+        html, js = os.path.join(tmp, "drift_report.html"), os.path.join(tmp, "drift_report.json")
+        snapshot.save_html(html)
+        snapshot.save_json(js)
+        for path in (html, js):
+            with open(path, "rb") as handle:
+                storage.write_bytes(storage.join(args.output, os.path.basename(path)), handle.read())
+        tracking.configure()
+        with mlflow.start_run(
+            run_name=f"drift-{spec.name}",
+            tags={tracking.TAG_DAG_RUN_ID: args.run_id, tracking.TAG_DATASET: spec.name, tracking.TAG_STAGE: "drift"},
+        ) as run:
+            mlflow.log_metrics({"drift_share": share, "drifted_columns": drifted})
+            mlflow.log_params({"threshold": args.threshold, "reference": args.reference[:500],
+                               "current": args.current[:500]})
+            mlflow.log_artifact(html, artifact_path="drift")
+            mlflow.log_artifact(js, artifact_path="drift")
+    return {
+        **result,
+        "status": STATUS_OK,
+        "drift_detected": detected,
+        "drift_share": share,
+        "drifted_columns": drifted,
+        "columns_tested": len(num_cols) + len(cat_cols),
+        "constant_columns": constant,
+        "skipped_high_cardinality": high_card,
+        "report_html_uri": storage.join(args.output, "drift_report.html"),
+        "report_json_uri": storage.join(args.output, "drift_report.json"),
+        "mlflow_run_id": run.info.run_id,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = cli.parser("jobs.drift", __doc__.split("\n\n")[0])
+    p.add_argument("--reference", required=True, help="feature table URI of the training reference")
+    p.add_argument("--current", required=True, help="feature table URI of the newest events")
+    p.add_argument("--dataset", required=True, choices=sorted(datasets.DATASETS), help="dataset spec")
+    p.add_argument("--output", required=True, help="URI for drift_report.html and drift_report.json")
+    p.add_argument("--threshold", type=float, default=0.3, help="share of drifted columns that counts as drift")
+    p.add_argument("--min-rows", type=int, default=500, help="fewer current rows than this: insufficient data")
+    p.add_argument("--sample-rows", type=int, default=50_000, help="rows sampled from each side at most")
+    p.add_argument("--seed", type=int, default=7, help="sampling seed")
+    p.add_argument("--run-id", default="manual", help="orchestrator run id, recorded as an MLflow tag")
+    args = p.parse_args(argv)
+    cli.configure_logging(args.verbose)
+    if not 0 < args.threshold <= 1:
+        cli.fail("--threshold must be in (0, 1]")
+    cli.write_result(run(args), args.result_path)
+
+
+if __name__ == "__main__":
+    main()
