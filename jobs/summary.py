@@ -1,0 +1,81 @@
+"""The end-of-run summary a user reads first: rows, quality, registry, parity, drift."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jobs.common import storage
+
+logger = logging.getLogger(__name__)
+
+
+def build_summary(results: dict[str, dict | None], source: str, run_id: str) -> dict[str, Any]:
+    """Pick the headline figures out of every stage's JSON result."""
+    data = results.get("generate") if source == "synthetic" else results.get("ingest")
+    data = data or {}
+    etl = results.get("etl") or {}
+    evaluation = results.get("evaluate") or {}
+    export = results.get("export") or {}
+    register = results.get("register") or {}
+    drift = results.get("drift") or {}
+    rollout = results.get("rollout") or {}
+    out: dict[str, Any] = {
+        "run_id": run_id,
+        "source": source,
+        "rows": data.get("rows"),
+        "rows_read": data.get("rows_read", data.get("rows")),
+        "rows_quarantined": data.get("rows_quarantined", 0),
+        "splits": {k: v.get("rows") for k, v in (etl.get("splits") or {}).items()},
+        "test_auc": evaluation.get("test_auc"),
+        "test_pr_auc": evaluation.get("test_pr_auc"),
+        "test_positives": evaluation.get("test_positives"),
+        "label_meaning": evaluation.get("label_meaning"),
+        "model_name": register.get("model_name"),
+        "model_version": register.get("version"),
+        "aliases": register.get("aliases"),
+        "promoted": register.get("promoted"),
+        "gate_reason": register.get("gate_reason"),
+        "champion_version": register.get("champion_version"),
+        "live_version": rollout.get("live_version"),
+        "onnx_max_abs_diff": (export.get("onnx_parity") or {}).get("max_abs_diff"),
+        "onnx_parity_passed": (export.get("onnx_parity") or {}).get("passed"),
+        "tensorrt": (export.get("tensorrt") or {}).get("reason", "built" if export.get("tensorrt") else None),
+        "drift_status": drift.get("status"),
+        "drift_share": drift.get("drift_share"),
+        "drift_report": drift.get("report_html_uri"),
+        "mlflow_run_id": (results.get("train") or {}).get("mlflow_run_id"),
+    }
+    if source == "synthetic":
+        out["true_fraud_rate"] = data.get("fraud_rate")
+        out["bayes_auc"] = data.get("bayes_auc")
+        out["test_bayes_auc"] = evaluation.get("test_bayes_auc")
+        out["auc_fraction_of_bayes"] = evaluation.get("auc_fraction_of_bayes")
+        out["scenarios"] = {k: v.get("events") if isinstance(v, dict) else v
+                            for k, v in (data.get("scenarios") or {}).items()}
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"adfraud retrain {summary['run_id']} ({summary['source']})"]
+    keys = ["rows", "rows_quarantined", "splits", "true_fraud_rate", "bayes_auc", "test_auc", "test_pr_auc",
+            "test_bayes_auc", "auc_fraction_of_bayes", "model_name", "model_version", "aliases", "promoted",
+            "gate_reason", "live_version", "onnx_max_abs_diff", "tensorrt", "drift_status", "drift_share",
+            "drift_report", "mlflow_run_id"]
+    for key in keys:
+        if key in summary and summary[key] is not None:
+            lines.append(f"  {key:<22} {_fmt(summary[key])}")
+    return "\n".join(lines)
+
+
+def log_summary(summary: dict[str, Any]) -> None:
+    for line in format_summary(summary).splitlines():
+        logger.info("%s", line)
+
+
+def write_summary(summary: dict[str, Any], uri: str) -> None:
+    storage.write_json(uri, summary)
