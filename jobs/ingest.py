@@ -54,15 +54,15 @@ import argparse
 import codecs
 import csv
 import io
-import json
 import logging
 import posixpath
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from itertools import islice
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +100,16 @@ BAD_TIMESTAMP = "bad_timestamp"
 OUT_OF_RANGE = "out_of_range"
 INCONSISTENT = "inconsistent"
 DUPLICATE = "duplicate"
-REASONS = (BAD_ENCODING, BAD_FIELD_COUNT, NULL_VALUE, BAD_TYPE, BAD_TIMESTAMP, OUT_OF_RANGE, INCONSISTENT, DUPLICATE)
+REASONS = (
+    BAD_ENCODING,
+    BAD_FIELD_COUNT,
+    NULL_VALUE,
+    BAD_TYPE,
+    BAD_TIMESTAMP,
+    OUT_OF_RANGE,
+    INCONSISTENT,
+    DUPLICATE,
+)
 
 # Lines that are not data rows, skipped and counted.
 SKIPPED_BLANK = "blank"
@@ -114,7 +123,7 @@ DUPLICATE_POLICIES = (DUPLICATES_SOURCES, DUPLICATES_ROWS, DUPLICATES_OFF)
 
 # Field values read as missing. Spreadsheets and other tools write these for empty cells.
 NULL_TOKENS = frozenset(
-    {"", "NA", "na", "N/A", "n/a", "#N/A", "NaN", "nan", "NAN", "null", "NULL", "Null", "None", "none", "NONE"}
+    {"", "NA", "na", "N/A", "n/a", "#N/A", "NaN", "nan", "NAN", "null", "NULL", "Null", "None", "none"}
 )
 
 ID_COLUMNS = ("ip", "app", "device", "os", "channel")
@@ -153,8 +162,9 @@ class TimestampFormat:
     has_seconds: bool = True
 
 
-# Accepted time formats, tried in order; the first is the published one. Day-first dates
-# (D/M/YYYY) are not accepted: they cannot be told apart from M/D/YYYY.
+# Accepted time formats; the first is the published one. A value matches at most one, so
+# the order they are tried in only affects speed. Day-first dates (D/M/YYYY) are not
+# accepted: they cannot be told apart from M/D/YYYY.
 TIMESTAMP_FORMATS = (
     TimestampFormat("YYYY-MM-DD HH:MM:SS", "%Y-%m-%d %H:%M:%S"),
     TimestampFormat("YYYY-MM-DDTHH:MM:SS", "%Y-%m-%dT%H:%M:%S"),
@@ -197,6 +207,7 @@ class IngestConfig:
 
     @property
     def quarantine_uri(self) -> str:
+        """Where quarantined rows go: ``quarantine_output`` or the output's sibling."""
         return self.quarantine_output or self.output.rstrip("/") + QUARANTINE_SUFFIX
 
     def validate(self) -> None:
@@ -210,7 +221,8 @@ class IngestConfig:
         if self.chunk_rows < 1:
             raise IngestError(f"chunk_rows={self.chunk_rows} must be at least 1")
         if self.duplicates not in DUPLICATE_POLICIES:
-            raise IngestError(f"duplicates={self.duplicates!r}; choose one of {', '.join(DUPLICATE_POLICIES)}")
+            choices = ", ".join(DUPLICATE_POLICIES)
+            raise IngestError(f"duplicates={self.duplicates!r}; choose one of {choices}")
         if self.max_rows is not None and self.max_rows < 1:
             raise IngestError(f"max_rows={self.max_rows} must be at least 1")
 
@@ -254,6 +266,7 @@ class _Tally:
 
     @property
     def rows_quarantined(self) -> int:
+        """Rows quarantined for any reason."""
         return sum(self.by_reason.values())
 
 
@@ -484,7 +497,9 @@ class _Ingestion:
             if not raw:
                 raise IngestError(f"{uri}: the file is empty (no header line)")
             if len(raw) == MAX_HEADER_BYTES and not raw.endswith(b"\n"):
-                raise IngestError(f"{uri}: line {line_number} is longer than {MAX_HEADER_BYTES} bytes; not a CSV header")
+                raise IngestError(
+                    f"{uri}: line {line_number} is longer than {MAX_HEADER_BYTES} bytes; not a CSV header"
+                )
             text = raw.decode("utf-8", errors="replace")
             if text.strip(_BOM + " \t\r\n"):
                 break
@@ -501,7 +516,9 @@ class _Ingestion:
             self._note(uri, line_number, f"columns in a different order: {names}")
         return tuple(names), line_number + 1
 
-    def _process_chunk(self, raw: list[bytes], first_line: int, uri: str, order: tuple[str, ...]) -> tuple[str, ...]:
+    def _process_chunk(
+        self, raw: list[bytes], first_line: int, uri: str, order: tuple[str, ...]
+    ) -> tuple[str, ...]:
         """Split a chunk into runs between repeated headers and validate each run.
 
         Returns the column order in force at the end of the chunk.
@@ -530,15 +547,14 @@ class _Ingestion:
         # Runs of data lines between headers, each a source of its own.
         start = 0
         for position, names in [*headers, (len(lines), order)]:
-            keep = np.zeros(len(lines), dtype=bool)
-            keep[start:position] = True
-            keep &= ~blank
-            self._process_run(text[keep], line_numbers[keep], bad_encoding[keep], uri, order)
+            keep = start + np.flatnonzero(~blank[start:position])
+            self._process_run(text.iloc[keep], line_numbers[keep], bad_encoding[keep], uri, order)
             if position < len(lines):
+                header_line = int(line_numbers[position])
                 self.tally.skipped_lines[SKIPPED_REPEATED_HEADER] += 1
-                self._note(uri, int(line_numbers[position]), "header repeated inside the data (skipped)")
+                self._note(uri, header_line, "header repeated inside the data (skipped)")
                 if names != order:
-                    self._note(uri, int(line_numbers[position]), f"columns in a different order: {list(names)}")
+                    self._note(uri, header_line, f"columns in a different order: {list(names)}")
                 self.next_source += 1
                 order = names
             start = position + 1
@@ -596,9 +612,7 @@ class _Ingestion:
             self.tally.by_reason[reason] += count
             if reason not in self.tally.first_example:
                 first = int(np.flatnonzero(reasons == reason)[0])
-                self.tally.first_example[reason] = (
-                    f"{uri} line {line_numbers[bad][first]}: {details[first]}"
-                )
+                self.tally.first_example[reason] = f"{uri} line {line_numbers[bad][first]}: {details[first]}"
         columns = {
             "source_file": pa.array(np.full(int(bad.sum()), uri, dtype=object), pa.string()),
             "line_number": pa.array(line_numbers[bad], pa.int64()),
@@ -665,7 +679,8 @@ class _Checked:
 
         # Types.
         for name in (*ID_COLUMNS, LABEL):
-            self._flag(BAD_TYPE, ~is_int[name] & ~nulls[name], _describe(name, raw[name], "is not an integer"))
+            not_int = ~is_int[name] & ~nulls[name]
+            self._flag(BAD_TYPE, not_int, _describe(name, raw[name], "is not an integer"))
         accepted = ", ".join(fmt.name for fmt in TIMESTAMP_FORMATS)
         for name in TIME_COLUMNS:
             unparsed = (self.formats[name] < 0) & ~nulls[name]
@@ -681,8 +696,9 @@ class _Checked:
         # Label against download time.
         click, attributed = self.times["click_time"], self.times["attributed_time"]
         has_download = ~nulls["attributed_time"]
-        self._flag(INCONSISTENT, (self.label == 1) & ~has_download, "is_attributed=1 but attributed_time is empty")
-        self._flag(INCONSISTENT, (self.label == 0) & has_download, "attributed_time is set but is_attributed=0")
+        positive = self.label == 1
+        self._flag(INCONSISTENT, positive & ~has_download, "is_attributed=1 but attributed_time is empty")
+        self._flag(INCONSISTENT, ~positive & has_download, "attributed_time is set but is_attributed=0")
         self._flag(INCONSISTENT, has_download & (attributed < click), "attributed_time is before click_time")
 
     def _flag(self, reason: str, mask: np.ndarray, detail: Any) -> None:
@@ -704,7 +720,8 @@ class _Checked:
         rows = np.flatnonzero(self.open)
         frame = pd.DataFrame({name: self.ints[name][rows] for name in (*ID_COLUMNS, LABEL)})
         for name in TIME_COLUMNS:
-            frame[name] = self.times[name][rows]
+            missing = self.formats[name][rows] < 0
+            frame[name] = np.where(missing, np.iinfo(np.int64).min, self.times[name][rows])
         hashes = pd.util.hash_pandas_object(frame, index=False).to_numpy()
         first_source = seen.lookup(hashes)
         repeated_here = pd.Series(hashes).duplicated().to_numpy()
@@ -726,7 +743,7 @@ class _Checked:
         repeats = np.zeros(self.n, dtype=bool)
         repeats[rows[within & ~from_other]] = True
         self.exact_repeats = repeats
-        self._flag(DUPLICATE, mask, "repeats an event of an earlier source (another file or concatenated part)")
+        self._flag(DUPLICATE, mask, "repeats an event of an earlier file or concatenated part")
 
     def accepted_table(self, event_ids: np.ndarray) -> pa.Table:
         """The accepted rows in the raw layout."""
@@ -739,9 +756,11 @@ class _Checked:
                 arrays.append(pa.array(event_ids[ok], column.type))
             elif name in TIME_COLUMNS:
                 missing = self.formats[name][ok] < 0
-                arrays.append(pa.array(self.times[name][ok], column.type, mask=missing if missing.any() else None))
+                mask = missing if missing.any() else None
+                arrays.append(pa.array(self.times[name][ok], column.type, mask=mask))
             else:
-                arrays.append(pa.array(self.ints[name][ok].astype(column.type.to_pandas_dtype()), column.type))
+                values = self.ints[name][ok].astype(column.type.to_pandas_dtype())
+                arrays.append(pa.array(values, column.type))
         return pa.Table.from_arrays(arrays, schema=schema)
 
 
@@ -878,7 +897,7 @@ def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if not todo.any():
         return micros, formats, null
     sample = raw.iloc[np.flatnonzero(todo)[:64]]
-    hits = [pd.to_datetime(sample, format=f.pattern, errors="coerce").notna().sum() for f in TIMESTAMP_FORMATS]
+    hits = [_to_datetime(sample, fmt).notna().sum() for fmt in TIMESTAMP_FORMATS]
     ranked = sorted(range(len(TIMESTAMP_FORMATS)), key=lambda index: -hits[index])
 
     # Values as read, then the rest stripped of whitespace and quotes.
@@ -896,7 +915,7 @@ def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             rows = np.flatnonzero(todo)
             if not len(rows):
                 break
-            parsed = pd.to_datetime(value.iloc[rows], format=TIMESTAMP_FORMATS[index].pattern, errors="coerce")
+            parsed = _to_datetime(value.iloc[rows], TIMESTAMP_FORMATS[index])
             good = parsed.notna().to_numpy()
             hit = rows[good]
             micros[hit] = parsed.to_numpy()[good].astype("datetime64[us]").astype(np.int64)
@@ -905,7 +924,13 @@ def _parse_times(raw: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return micros, formats, null
 
 
+def _to_datetime(value: pd.Series, fmt: TimestampFormat) -> pd.Series:
+    """``value`` parsed with exactly ``fmt``; NaT where it does not match."""
+    return pd.to_datetime(value, format=fmt.pattern, errors="coerce")
+
+
 def _within(name: str, number: np.ndarray) -> np.ndarray:
+    """Which values lie within the column's bounds and its integer type."""
     column = TALKINGDATA.column(name)
     low = column.min_value if column.min_value is not None else np.iinfo(np.int64).min
     return (number >= low) & (number <= _type_max(name, column.max_value))
@@ -919,6 +944,7 @@ def _type_max(name: str, max_value: float | None) -> int:
 
 
 def _bound(value: float | None) -> str:
+    """A lower bound as written in messages."""
     return "-inf" if value is None else str(int(value))
 
 
@@ -932,18 +958,21 @@ def _describe(name: str, value: pd.Series, problem: str) -> Any:
 
 
 def _unquote(name: str) -> str:
+    """``name`` without one pair of surrounding quotes."""
     if len(name) >= 2 and name[0] == name[-1] and name[0] in "\"'":
         return name[1:-1].strip()
     return name
 
 
 def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """The tables one after another, or an empty table of ``schema``."""
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)
 
 
 def _log_summary(tally: _Tally, share: float) -> None:
+    """Log the counts a user looks for in the task log."""
     logger.info(
         "rows read %d: %d accepted (%d positives), %d quarantined (%.4f%%)",
         tally.rows_read,
@@ -954,7 +983,8 @@ def _log_summary(tally: _Tally, share: float) -> None:
     )
     for reason in REASONS:
         if tally.by_reason[reason]:
-            logger.info("quarantined %s: %d (first: %s)", reason, tally.by_reason[reason], tally.first_example[reason])
+            example = tally.first_example[reason]
+            logger.info("quarantined %s: %d (first: %s)", reason, tally.by_reason[reason], example)
     if tally.skipped_lines:
         logger.info("skipped lines: %s", dict(tally.skipped_lines))
     if len(tally.timestamp_formats) > 1:
@@ -962,10 +992,11 @@ def _log_summary(tally: _Tally, share: float) -> None:
     if tally.lost_seconds_rows:
         logger.warning("%d rows have minute-resolution times (seconds lost)", tally.lost_seconds_rows)
     if tally.exact_repeat_rows:
-        logger.info("%d rows repeat an earlier row of the same source exactly (kept)", tally.exact_repeat_rows)
+        logger.info("%d rows repeat an earlier row of their source exactly (kept)", tally.exact_repeat_rows)
 
 
 def _share_message(tally: _Tally, share: float, config: IngestConfig) -> str:
+    """The fatal message for too many quarantined rows: how many, why, where the first was."""
     reasons = "; ".join(
         f"{reason}: {tally.by_reason[reason]} (first at {tally.first_example[reason]})"
         for reason in REASONS
@@ -989,7 +1020,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output",
         default=unset,
-        help=f"parquet dataset directory for accepted events (default: ${settings.HOME_ENV_VAR}/raw/talkingdata)",
+        help="parquet dataset directory for accepted events "
+        f"(default: ${settings.HOME_ENV_VAR}/raw/{TALKINGDATA.name})",
     )
     p.add_argument(
         "--quarantine-output",
@@ -1000,7 +1032,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-quarantine-share",
         type=float,
         default=unset,
-        help=f"fail when a larger share of data rows is quarantined (default: {DEFAULT_MAX_QUARANTINE_SHARE})",
+        help="fail when a larger share of data rows is quarantined "
+        f"(default: {DEFAULT_MAX_QUARANTINE_SHARE})",
     )
     p.add_argument(
         "--chunk-rows",
@@ -1041,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.configure_logging(args.verbose)
     try:
         config = config_from_args(args)
-        logger.debug("config: %s", json.dumps(asdict(config)))
+        logger.debug("config: %s", config)
         result = ingest(config)
     except IngestError as exc:
         cli.fail(str(exc))

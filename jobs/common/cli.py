@@ -35,8 +35,8 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--result-path",
         default=None,
-        help=f"where to write the JSON result (default: ${settings.XCOM_PATH_ENV_VAR} "
-        f"or {settings.DEFAULT_XCOM_PATH})",
+        help=f"where to write the JSON result; if unset, ${settings.XCOM_PATH_ENV_VAR} "
+        f"or {settings.DEFAULT_XCOM_PATH}",
     )
     p.add_argument("--verbose", action="store_true", help="log at debug level")
     return p
@@ -53,8 +53,8 @@ def write_result(result: dict[str, Any], result_path: str | None = None) -> str:
 
 def fail(message: str, code: int = 2) -> None:
     """Stop the stage with a one-line error a user can act on, not a stack trace."""
-    logger.error("%s", message)
-    print(f"error: {message}", file=sys.stderr)
+    # One plain line on stderr (where the log handler writes too), without a traceback.
+    print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 

@@ -137,12 +137,18 @@ def write_table(table: pa.Table, uri: str, *, rows_per_part: int = 1_000_000) ->
     return table.num_rows
 
 
+def _hidden(relative: str) -> bool:
+    """Whether a path inside a dataset is metadata (``_SUCCESS``, ``.crc``, ``_temporary/``)."""
+    return any(piece.startswith((".", "_")) for piece in relative.split("/"))
+
+
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read a parquet file or dataset directory (Spark's or ours) into one table."""
     fs, path = filesystem(uri)
     if fs.isdir(path):
+        root = path.rstrip("/")
         files = sorted(
-            p for p in fs.find(path) if p.endswith(".parquet") and "/." not in p and "/_" not in p
+            p for p in fs.find(path) if p.endswith(".parquet") and not _hidden(p[len(root) + 1 :])
         )
         if not files:
             raise FileNotFoundError(f"{uri}: no parquet parts")
