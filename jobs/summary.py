@@ -57,7 +57,9 @@ def build_summary(results: dict[str, dict | None], source: str, run_id: str) -> 
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return str(value)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -79,3 +81,33 @@ def log_summary(summary: dict[str, Any]) -> None:
 
 def write_summary(summary: dict[str, Any], uri: str) -> None:
     storage.write_json(uri, summary)
+
+
+def latest_summary(runs_uri: str) -> str:
+    """The newest ``summary.json`` under a runs directory (local paths)."""
+    import glob
+    import os
+
+    paths = glob.glob(os.path.join(storage.local_path(runs_uri), "*", "summary.json"))
+    if not paths:
+        raise FileNotFoundError(f"no summary.json under {runs_uri}")
+    return max(paths, key=os.path.getmtime)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from jobs.common import cli
+
+    p = cli.parser("jobs.summary", "Print the summary of a retraining run.")
+    p.add_argument("--latest", metavar="RUNS_DIR", help="print the newest summary.json under RUNS_DIR")
+    p.add_argument("--file", help="print this summary.json")
+    args = p.parse_args(argv)
+    if not (args.latest or args.file):
+        cli.fail("give --latest RUNS_DIR or --file SUMMARY_JSON")
+    path = args.file or latest_summary(args.latest)
+    sys.stdout.write(format_summary(storage.read_json(path)) + f"\n  {'summary':<22} {path}\n")
+
+
+if __name__ == "__main__":
+    main()

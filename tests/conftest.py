@@ -1,0 +1,37 @@
+"""Shared fixtures: where the shared data lives, and a clean stage environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "talkingdata"
+TALKINGDATA_SAMPLE = SHARED_DATA / "train_sample.csv"
+TALKINGDATA_RESAVED = SHARED_DATA / "train_sample_resaved.csv"
+
+# The DAG imports the runtime switch the way Airflow does: plugins/ on sys.path.
+if str(REPO_ROOT / "plugins") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "plugins"))
+
+
+@pytest.fixture
+def talkingdata_sample() -> Path:
+    if not TALKINGDATA_SAMPLE.exists():
+        pytest.skip(f"TalkingData sample not found at {TALKINGDATA_SAMPLE}")
+    return TALKINGDATA_SAMPLE
+
+
+@pytest.fixture
+def stage_home(tmp_path, monkeypatch) -> Path:
+    """An empty ADFRAUD_HOME (data root and MLflow store) for one test."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("ADFRAUD_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    return home
