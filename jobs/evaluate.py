@@ -55,19 +55,42 @@ def segment_metrics(frame: pd.DataFrame, label: np.ndarray, score: np.ndarray, c
     return out
 
 
-def run(model_uri: str, features_uri: str, output_uri: str, mlflow_run_id: str | None) -> dict:
+def run(
+    model_uri: str,
+    features_uri: str,
+    output_uri: str,
+    mlflow_run_id: str | None,
+    objective: str = "savings",
+    blocked_legit_loss: float = 0.5,
+    default_click_cost: float = 1.0,
+) -> dict:
     import mlflow
 
     net, pre = load_model(model_uri)
     spec = datasets.get(pre.dataset)
 
-    # Threshold on validation, metrics on test.
-    _, val_label, val_score = score_split(net, pre, storage.join(features_uri, "validation"))
+    # Ranking metrics on the dataset's own label.
+    val_frame, val_label, val_score = score_split(net, pre, storage.join(features_uri, "validation"))
     test_frame, test_label, test_score = score_split(net, pre, storage.join(features_uri, "test"))
-    threshold = metrics.choose_threshold(val_label, val_score)
     test = metrics.ranking_metrics(test_label, test_score)
     validation = metrics.ranking_metrics(val_label, val_score)
-    at = metrics.at_threshold(test_label, test_score, threshold)
+
+    # Blocking decisions are about fraud: flip the label where 1 means genuine traffic.
+    def fraud_view(frame, label, score):
+        is_fraud = label if spec.positive_is_fraud else 1 - label
+        fraud_score = score if spec.positive_is_fraud else 1.0 - score
+        cost = frame[spec.cost].to_numpy(dtype=np.float64) if spec.cost else np.full(len(label), default_click_cost)
+        return is_fraud, fraud_score, cost
+
+    v_fraud, v_score, v_cost = fraud_view(val_frame, val_label, val_score)
+    t_fraud, t_score, t_cost = fraud_view(test_frame, test_label, test_score)
+    if objective == "savings":
+        threshold, _ = metrics.choose_threshold_savings(v_fraud, v_score, v_cost, blocked_legit_loss)
+    else:
+        threshold = metrics.choose_threshold(v_fraud, v_score)
+    at = metrics.at_threshold(t_fraud, t_score, threshold)
+    best_possible = float(t_cost[t_fraud.astype(bool)].sum())
+    savings = metrics.savings_at(t_fraud, t_score, t_cost, blocked_legit_loss, threshold)
     result = {
         "dataset": spec.name,
         "label": spec.label,
@@ -79,7 +102,12 @@ def run(model_uri: str, features_uri: str, output_uri: str, mlflow_run_id: str |
         "test_positives": test["positives"],
         "validation_auc": validation["auc"],
         "validation_pr_auc": validation["pr_auc"],
-        **{f"test_{k}": v for k, v in at.items()},
+        "threshold_objective": objective,
+        "blocked_legit_loss": blocked_legit_loss,
+        "test_savings": savings,
+        "test_savings_best_possible": best_possible,
+        "test_savings_fraction": savings / best_possible if best_possible else None,
+        **{f"test_fraud_{k}": v for k, v in at.items()},
     }
     if "fraud_probability" in test_frame.columns:
         bayes = metrics.ranking_metrics(test_label, test_frame["fraud_probability"].to_numpy())
@@ -89,9 +117,10 @@ def run(model_uri: str, features_uri: str, output_uri: str, mlflow_run_id: str |
     if spec.segment:
         result["segments"] = {spec.segment: segment_metrics(test_frame, test_label, test_score, spec.segment)}
     logger.info(
-        "test AUC %.4f, PR-AUC %.4f on %d rows (%d positive); at threshold %.4f: precision %.3f, recall %.3f",
+        "test AUC %.4f, PR-AUC %.4f on %d rows (%d positive); blocking fraud score >= %.4f: precision %.3f, "
+        "recall %.3f, saves %.2f of %.2f",
         test["auc"] or float("nan"), test["pr_auc"] or float("nan"), test["rows"], test["positives"],
-        threshold, at["precision"], at["recall"],
+        threshold, at["precision"], at["recall"], savings, best_possible,
     )
 
     # Scores, metrics and plots to the output URI and MLflow.
@@ -109,9 +138,8 @@ def run(model_uri: str, features_uri: str, output_uri: str, mlflow_run_id: str |
             tracking.configure()
             with mlflow.start_run(run_id=mlflow_run_id):
                 flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None}
-                flat.update({f"test_{k}": v for k, v in at["confusion_matrix"].items()})
-                mlflow.log_metrics({k: float(v) for k, v in flat.items() if k != "test_threshold"} | {
-                    "test_threshold": threshold})
+                flat.update({f"test_fraud_{k}": v for k, v in at["confusion_matrix"].items()})
+                mlflow.log_metrics({k: float(v) for k, v in flat.items()})
                 mlflow.log_artifact(plot, artifact_path="evaluation")
                 mlflow.log_dict(result, "evaluation/metrics.json")
     result.update({
@@ -131,9 +159,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--features", required=True, help="ETL output URI (validation/, test/)")
     p.add_argument("--output", required=True, help="URI for metrics.json, test_scores/ and plots")
     p.add_argument("--mlflow-run-id", default=None, help="MLflow run to log to (the training run)")
+    p.add_argument("--threshold-objective", choices=("savings", "f1"), default="savings",
+                   help="how the blocking threshold is chosen on validation: money saved, or F1 on fraud")
+    p.add_argument("--blocked-legit-loss", type=float, default=0.5,
+                   help="money lost per blocked legitimate click (same unit as click costs)")
+    p.add_argument("--default-click-cost", type=float, default=1.0,
+                   help="cost of a click for datasets that carry none (TalkingData)")
     args = p.parse_args(argv)
     cli.configure_logging(args.verbose)
-    cli.write_result(run(args.model, args.features, args.output, args.mlflow_run_id), args.result_path)
+    if args.blocked_legit_loss < 0:
+        cli.fail("--blocked-legit-loss must be >= 0")
+    result = run(args.model, args.features, args.output, args.mlflow_run_id, args.threshold_objective,
+                 args.blocked_legit_loss, args.default_click_cost)
+    cli.write_result(result, args.result_path)
 
 
 if __name__ == "__main__":

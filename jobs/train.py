@@ -169,6 +169,8 @@ def worker(args) -> None:
         "best_val_pr_auc": summary["best_val_pr_auc"],
         "best_val_auc": summary["best_val_auc"],
         "train_rows": len(train),
+        "train_seconds": round(summary["train_seconds"], 2),
+        "samples_per_s": summary["samples_per_s"],
         "config": config.to_dict(),
         "seconds": round(time.monotonic() - started, 1),
     }

@@ -75,3 +75,35 @@ def plot_curves(label: np.ndarray, score: np.ndarray, title: str, path: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def savings_curve(is_fraud: np.ndarray, fraud_score: np.ndarray, cost: np.ndarray, blocked_legit_loss: float):
+    """Money saved by blocking every click scoring at least each candidate threshold.
+
+    A blocked fraudulent click saves its cost; a blocked legitimate click loses
+    ``blocked_legit_loss``. Returns (thresholds, savings), thresholds descending.
+    """
+    order = np.argsort(-fraud_score, kind="stable")
+    score = fraud_score[order]
+    fraud = is_fraud[order].astype(bool)
+    saved = np.cumsum(np.where(fraud, cost[order], 0.0))
+    lost = np.cumsum(np.where(fraud, 0.0, blocked_legit_loss))
+    # Only the last row of a run of equal scores is a real cut point.
+    last = np.r_[score[1:] != score[:-1], True]
+    return score[last], (saved - lost)[last]
+
+
+def choose_threshold_savings(is_fraud, fraud_score, cost, blocked_legit_loss: float) -> tuple[float, float]:
+    """(threshold, savings) maximising money saved; blocking nothing saves 0."""
+    thresholds, savings = savings_curve(np.asarray(is_fraud), np.asarray(fraud_score, dtype=np.float64),
+                                        np.asarray(cost, dtype=np.float64), blocked_legit_loss)
+    if len(savings) == 0 or savings.max() <= 0:
+        return float(np.nextafter(1.0, 2.0)), 0.0
+    best = int(np.argmax(savings))
+    return float(thresholds[best]), float(savings[best])
+
+
+def savings_at(is_fraud, fraud_score, cost, blocked_legit_loss: float, threshold: float) -> float:
+    flag = np.asarray(fraud_score) >= threshold
+    fraud = np.asarray(is_fraud).astype(bool)
+    return float(np.asarray(cost)[flag & fraud].sum() - blocked_legit_loss * (flag & ~fraud).sum())

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -223,8 +224,10 @@ def fit(
     best_state = copy.deepcopy(net.state_dict())
     history: list[dict[str, float]] = []
     stale = 0
+    train_seconds, samples = 0.0, 0
     for epoch in range(1, config.epochs + 1):
         model.train()
+        epoch_start = time.perf_counter()
         order = np.random.default_rng(config.seed + epoch).permutation(len(train))
         usable = (len(order) // backend.world_size) * backend.world_size
         shard = torch.from_numpy(order[:usable][backend.rank :: backend.world_size])
@@ -237,6 +240,8 @@ def fit(
             opt.step()
             total += float(loss.detach())
             steps += 1
+        train_seconds += time.perf_counter() - epoch_start
+        samples += usable
         scores = predict_proba(net, validation.categorical, validation.numeric)
         metrics = {
             "train_loss": total / max(steps, 1),
@@ -267,5 +272,6 @@ def fit(
     net.eval()
     summary = {"best_epoch": best["epoch"], "best_val_pr_auc": best["val_pr_auc"],
                "best_val_auc": best.get("val_auc"), "pos_weight": pos_weight, "history": history,
-               "epochs_run": len(history), "world_size": backend.world_size, "backend": backend.name}
+               "epochs_run": len(history), "world_size": backend.world_size, "backend": backend.name,
+               "train_seconds": train_seconds, "samples_per_s": samples / train_seconds if train_seconds else None}
     return net, summary
