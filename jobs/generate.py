@@ -22,8 +22,9 @@ Generation is vectorized with numpy and streamed: time is cut into slices of abo
 that spill past a slice's end are carried into the next, and finished events are cut
 into parquet parts of ``--part-rows`` rows, in time order. Faker only builds the entity
 pools (user agents, IP subnets) once per run. Actor attributes (home IP, devices, the
-campaigns a bot targets) are hashes of the actor's index, so no per-actor table grows
-with the row count. Same seed and options give byte-identical parquet; the content does
+campaigns a bot targets) are hashes of the actor's index, not tables: what grows with
+the row count is one fraud probability per actor and the per-actor counts the Bayes AUC
+is computed from. Same seed and options give byte-identical parquet; the content does
 not depend on ``--part-rows``.
 """
 
@@ -74,7 +75,9 @@ DATACENTER_FIRST_OCTETS = (3, 13, 18, 20, 34, 35, 44, 52, 54, 104, 138, 139, 143
 DATACENTER_SUBNETS = 48
 FARM_SUBNETS = 40
 CARRIER_SUBNETS = 24
-DESKTOP_AGENTS = 2_000
+# Browser agents from Faker's user_agent() (mostly desktop), and mobile ones built from
+# Faker's platform tokens.
+BROWSER_AGENTS = 2_000
 MOBILE_AGENTS = 800
 
 _US_PER_S = 1_000_000
@@ -134,7 +137,7 @@ class Scenario:
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
-        "organic", False, 0.0, (0.0, 0.004), "home", "diurnal", 2.5, 200, actor_skew=1.3,
+        "organic", False, 0.0, (0.0, 0.006), "home", "diurnal", 2.5, 200, actor_skew=1.3,
         description="people at home: residential IP shared by a household, 1-3 devices each with a "
         "common browser agent, evening-peaked hours, short sessions on popular campaigns",
     ),
@@ -332,7 +335,10 @@ def parse_start(value: str) -> datetime:
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """``2026-11-01T00:00:00Z``; microseconds only when there are some."""
+    moment = moment.astimezone(UTC)
+    spec = "microseconds" if moment.microsecond else "seconds"
+    return moment.isoformat(timespec=spec).replace("+00:00", "Z")
 
 
 # Hashing: actor attributes as pure functions of the actor's index ----------------------
@@ -380,6 +386,11 @@ def _unit(h: np.ndarray) -> np.ndarray:
     return (h >> _U64(11)).astype(np.float64) * (1.0 / 2**53)
 
 
+def _skewed(u: np.ndarray, n: int, skew: float) -> np.ndarray:
+    """Indices ``floor(n * u**skew)`` in [0, n): with skew > 1, low indices are the popular ones."""
+    return np.minimum((n * u**skew).astype(np.int64), n - 1)
+
+
 def _pick(h: np.ndarray, n: int | np.ndarray) -> np.ndarray:
     """A uint64 hash as an index in [0, n)."""
     return (h % np.asarray(n).astype(_U64)).astype(np.int64)
@@ -393,7 +404,7 @@ class Pools:
     """Everything drawn once per run: agents, subnets, campaigns and their ad groups."""
 
     agents: pa.Array
-    browser_rank: np.ndarray  # indices into agents, most popular first (desktop and mobile)
+    browser_rank: np.ndarray  # indices into agents of browsers (all kinds), most popular first
     mobile: np.ndarray  # indices into agents of mobile browsers
     scripted: np.ndarray  # indices of headless browsers and HTTP libraries
     sdk: np.ndarray  # indices of in-app SDK agents (new_bot)
@@ -406,7 +417,7 @@ class Pools:
     ad_groups: pa.Array
     ag_campaign: np.ndarray
     ag_keyword: np.ndarray
-    ag_cost: np.ndarray  # median cost per click of each ad group, USD
+    ag_cost: np.ndarray  # median cost per click of each ad group (drift included), USD
     ag_start: np.ndarray  # first ad group of each campaign
     ag_count: np.ndarray  # ad groups of each campaign
     expensive: np.ndarray  # ad groups with premium or competitor keywords and a high cost
@@ -414,7 +425,7 @@ class Pools:
     keywords: pa.Array = field(default_factory=lambda: pa.array(KEYWORD_TYPES))
 
 
-def _faker(seed: int, salt: int):
+def _faker(seed: int, salt: int) -> Any:
     from faker import Faker
 
     fake = Faker("en_US")
@@ -423,9 +434,9 @@ def _faker(seed: int, salt: int):
 
 
 def _agents(seed: int) -> tuple[list[str], int, int, int, int]:
-    """Desktop, mobile, scripted and SDK user agents; sizes of each block."""
+    """Browser, mobile, scripted and SDK user agents; the size of each block."""
     fake = _faker(seed, 1)
-    desktop = list(dict.fromkeys(fake.user_agent() for _ in range(DESKTOP_AGENTS)))
+    browsers = list(dict.fromkeys(fake.user_agent() for _ in range(BROWSER_AGENTS)))
     models = ("SM-A{}F", "SM-G{}B", "Redmi Note {}", "moto g({})", "Pixel {}", "CPH{}", "V{}", "TECNO KG{}")
     mobile: list[str] = []
     while len(mobile) < MOBILE_AGENTS:
@@ -458,7 +469,8 @@ def _agents(seed: int) -> tuple[list[str], int, int, int, int]:
         "HeadlessChrome/{m}.0.{d}.{b} Safari/537.36",
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
         "HeadlessChrome/{m}.0.{d}.{b} Safari/537.36",
-        "Mozilla/5.0 (Unknown; Linux x86_64) AppleWebKit/538.1 (KHTML, like Gecko) PhantomJS/2.1.1 Safari/538.1",
+        "Mozilla/5.0 (Unknown; Linux x86_64) AppleWebKit/538.1 (KHTML, like Gecko) "
+        "PhantomJS/2.1.1 Safari/538.1",
     )
     scripted: list[str] = []
     for _ in range(120):
@@ -476,7 +488,7 @@ def _agents(seed: int) -> tuple[list[str], int, int, int, int]:
         build = fake.bothify("??##?.######.###").upper()
         sdk.append(f"Dalvik/2.1.0 (Linux; U; {fake.android_platform_token()}; {model} Build/{build})")
     sdk = list(dict.fromkeys(sdk))
-    return desktop + mobile + scripted + sdk, len(desktop), len(mobile), len(scripted), len(sdk)
+    return browsers + mobile + scripted + sdk, len(browsers), len(mobile), len(scripted), len(sdk)
 
 
 def _subnets(seed: int, residential: int) -> dict[str, np.ndarray]:
@@ -514,11 +526,11 @@ def build_pools(seed: int, drift: Drift, residential_subnets: int) -> Pools:
     """Draw the run's entity pools; drift additions come from their own streams."""
 
     # Agents
-    agents, n_desktop, n_mobile, n_scripted, n_sdk = _agents(seed)
+    agents, n_faker, n_mobile, n_scripted, n_sdk = _agents(seed)
     rng = np.random.default_rng([seed, 3])
-    n_browser = n_desktop + n_mobile
+    n_browser = n_faker + n_mobile
     browser_rank = rng.permutation(n_browser)
-    mobile = np.arange(n_desktop, n_browser)
+    mobile = np.arange(n_faker, n_browser)
     scripted = np.arange(n_browser, n_browser + n_scripted)
     sdk = np.arange(n_browser + n_scripted, n_browser + n_scripted + n_sdk)
 
@@ -545,9 +557,9 @@ def build_pools(seed: int, drift: Drift, residential_subnets: int) -> Pools:
     if extra is not None:
         new_kw = extra.choice(len(KEYWORD_TYPES), size=n_ag - n_base_ag, p=KEYWORD_SHARES)
         keyword = np.concatenate([keyword, new_kw])
-        cost = np.concatenate(
-            [cost, np.asarray(KEYWORD_BASE_COST_USD)[new_kw] * np.exp(0.35 * extra.standard_normal(len(new_kw)))]
-        )
+        new_cost = np.asarray(KEYWORD_BASE_COST_USD)[new_kw]
+        new_cost = new_cost * np.exp(0.35 * extra.standard_normal(len(new_kw)))
+        cost = np.concatenate([cost, new_cost])
     campaign_ids = [f"cmp-{c:04d}" for c in range(n_campaigns)]
     ad_groups = [f"{campaign_ids[c]}-ag{i - ag_start[c]:02d}" for i, c in enumerate(ag_campaign)]
     pricey = np.isin(keyword, (KEYWORD_TYPES.index("competitor"), KEYWORD_TYPES.index("premium")))
@@ -555,7 +567,10 @@ def build_pools(seed: int, drift: Drift, residential_subnets: int) -> Pools:
     multiplier = np.ones(len(KEYWORD_TYPES))
     if drift.cost_inflation:
         multiplier *= COST_INFLATION
-        multiplier[[KEYWORD_TYPES.index("competitor"), KEYWORD_TYPES.index("premium")]] *= COST_INFLATION_EXPENSIVE
+        pricey_types = [KEYWORD_TYPES.index("competitor"), KEYWORD_TYPES.index("premium")]
+        multiplier[pricey_types] *= COST_INFLATION_EXPENSIVE
+
+    cost = cost * multiplier[keyword]
 
     # Subnets
     nets = _subnets(seed, residential_subnets)
@@ -587,12 +602,25 @@ def build_pools(seed: int, drift: Drift, residential_subnets: int) -> Pools:
 
 @dataclass
 class _Clicks:
-    """Per-click keys an identity function maps to entities."""
+    """The keys an identity function maps to entities.
+
+    Identity functions return, per entity, either one value per episode (what stays fixed
+    for a session: the address, the device) or one per click; :meth:`per_click` expands.
+    """
 
     scenario: Scenario
-    actor: np.ndarray  # actor index of each click
-    episode: np.ndarray  # uint64 key of each click's episode
-    click: np.ndarray  # uint64 key of each click
+    of: np.ndarray  # episode index of each click
+    actor: np.ndarray  # actor index of each episode
+    episode: np.ndarray  # random uint64 key of each episode
+    click: np.ndarray  # random uint64 key of each click
+
+    def per_click(self, values: np.ndarray) -> np.ndarray:
+        return values if len(values) == len(self.of) else values[self.of]
+
+
+def _bits(h: np.ndarray, low: int, width: int) -> np.ndarray:
+    """``width`` bits of a hash from bit ``low`` on, as int64: several draws from one hash."""
+    return ((h >> _U64(low)) & _U64((1 << width) - 1)).astype(np.int64)
 
 
 class _World:
@@ -601,140 +629,140 @@ class _World:
     def __init__(self, seed: int, pools: Pools) -> None:
         self.pools = pools
         self.h = _Hasher(seed)
+        # Inverse CDF of campaign popularity on 2**16 steps: a lookup instead of a search.
+        steps = (np.arange(1 << 16) + 0.5) / (1 << 16)
+        self.campaign_table = np.minimum(
+            np.searchsorted(pools.campaign_cdf, steps, side="right"), len(pools.ag_start) - 1
+        ).astype(np.int64)
 
-    # IPs, agents and ad groups from hashes
-
-    def ip(self, subnets: np.ndarray, subnet_h: np.ndarray, host_h: np.ndarray) -> np.ndarray:
-        return subnets[_pick(subnet_h, len(subnets))] + (1 + _pick(host_h, 254)).astype(np.uint32)
+    def ip(self, subnets: np.ndarray, net_key: np.ndarray, host_key: np.ndarray) -> np.ndarray:
+        """An address in one of ``subnets``: the subnet and the host (1-254) from two keys."""
+        return subnets[_pick(net_key, len(subnets))] + (1 + _pick(host_key, 254)).astype(np.uint32)
 
     def home_ip(self, scope: str, key: np.ndarray) -> np.ndarray:
-        return self.ip(self.pools.residential, self.h(scope, "home-net", key), self.h(scope, "home-host", key))
+        home = self.h(scope, "home", key)
+        return self.ip(self.pools.residential, home >> _U64(16), home & _U64(0xFFFF))
 
     def browser(self, h: np.ndarray, skew: float = 3.0) -> np.ndarray:
+        """A browser agent, popular ones first: rank ``floor(n * u**skew)``."""
         rank = self.pools.browser_rank
-        return rank[np.minimum((len(rank) * _unit(h) ** skew).astype(np.int64), len(rank) - 1)]
+        return rank[_skewed(_unit(h), len(rank), skew)]
 
-    def popular_ad_group(self, h_campaign: np.ndarray, h_group: np.ndarray) -> np.ndarray:
+    def popular_ad_group(self, key: np.ndarray) -> np.ndarray:
+        """A campaign by popularity (high 16 bits of ``key``) and one of its ad groups."""
         p = self.pools
-        campaign = np.minimum(np.searchsorted(p.campaign_cdf, _unit(h_campaign), side="right"), len(p.ag_start) - 1)
-        return p.ag_start[campaign] + _pick(h_group, p.ag_count[campaign])
+        campaign = self.campaign_table[(key >> _U64(48)).astype(np.int64)]
+        return p.ag_start[campaign] + _pick(key & _U64(0xFFFFFFFF), p.ag_count[campaign])
 
     def targeted_ad_group(self, c: _Clicks, most: int, choice: np.ndarray) -> np.ndarray:
-        """One of the actor's 1..``most`` target campaigns (chosen by ``choice``), any ad group."""
+        """One of the actor's 1..``most`` target campaigns, picked by ``choice``, any ad group.
+
+        ``choice`` is per episode (one campaign per burst) or per click.
+        """
         s, p = c.scenario.name, self.pools
-        count = 1 + _pick(self.h(s, "targets", c.actor), most)
-        campaign = _pick(self.h(s, "target", c.actor, _pick(choice, count)), len(p.ag_start))
-        return p.ag_start[campaign] + _pick(self.h(s, "group", c.click), p.ag_count[campaign])
+        actor = c.actor if len(choice) == len(c.actor) else c.per_click(c.actor)
+        count = 1 + _pick(self.h(s, "targets", actor), most)
+        target = _pick(choice >> _U64(40), count)
+        campaign = c.per_click(_pick(self.h(s, "target", actor, target), len(p.ag_start)))
+        return p.ag_start[campaign] + _pick(c.click & _U64(0xFFFFFFFF), p.ag_count[campaign])
 
 
 def _identity_home(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
     # Households: about a third of users share their address with the neighbouring index.
-    s, h = c.scenario.name, w.h
-    paired = _unit(h(s, "pair", c.actor)) < 0.35
-    household = np.where(paired, c.actor >> 1, c.actor + (1 << 40))
-    ip = w.home_ip(s, household)
-    devices = 1 + (_unit(h(s, "dev2", c.actor)) < 0.35) + (_unit(h(s, "dev3", c.actor)) < 0.10)
-    device = h(s, "device", c.actor, _pick(c.episode, devices))
-    agent = w.browser(h(s, "agent", device))
-    group = w.popular_ad_group(h(s, "campaign", c.click), h(s, "group", c.click))
-    return ip, device, agent, group
+    s, h, a = c.scenario.name, w.h, c.actor
+    traits = h(s, "traits", a)
+    household = np.where(_bits(traits, 0, 16) < 0.35 * 65536, a >> 1, a + (1 << 40))
+    devices = 1 + (_bits(traits, 16, 16) < 0.35 * 65536) + (_bits(traits, 32, 16) < 0.10 * 65536)
+    device = h(s, "device", a, _pick(c.episode, devices))
+    return w.home_ip(s, household), device, w.browser(h(s, "agent", device)), w.popular_ad_group(c.click)
 
 
 def _identity_office(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    staff = 10 + _pick(h(s, "staff", c.actor), 300)
-    employee = _pick(c.episode, staff)
-    egress = _pick(h(s, "egress", c.actor, employee), 1 + _pick(h(s, "egresses", c.actor), 3))
-    ip = w.ip(w.pools.datacenter, h(s, "net", c.actor), h(s, "host", c.actor, egress))
-    device = h(s, "device", c.actor, employee)
-    builds = 1 + _pick(h(s, "builds", c.actor), 3)
-    agent = w.browser(h(s, "agent", c.actor, _pick(h(s, "build", device), builds)), skew=4.0)
-    group = w.popular_ad_group(h(s, "campaign", c.click), h(s, "group", c.click))
-    return ip, device, agent, group
+    s, h, a = c.scenario.name, w.h, c.actor
+    traits = h(s, "traits", a)
+    staff = 10 + _bits(traits, 0, 16) % 300
+    device = h(s, "employee", a, _pick(c.episode, staff))
+    egress = _bits(device, 0, 16) % (1 + _bits(traits, 16, 8) % 3)
+    ip = w.ip(w.pools.datacenter, traits >> _U64(32), h(s, "host", a, egress))
+    build = _bits(device, 16, 16) % (1 + _bits(traits, 24, 8) % 3)
+    agent = w.browser(h(s, "agent", a, build), skew=4.0)
+    return ip, device, agent, w.popular_ad_group(c.click)
 
 
 def _identity_bot(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    address = _pick(h(s, "address", c.episode), 1 + _pick(h(s, "addresses", c.actor), 4))
-    ip = w.ip(w.pools.datacenter, h(s, "net", c.actor), h(s, "host", c.actor, address))
-    device = h(s, "device", c.actor, _pick(h(s, "slot", c.episode), 1 + _pick(h(s, "slots", c.actor), 3)))
+    s, h, a = c.scenario.name, w.h, c.actor
+    traits = h(s, "traits", a)
+    address = _bits(c.episode, 0, 16) % (1 + _bits(traits, 0, 8) % 4)
+    ip = w.ip(w.pools.datacenter, traits >> _U64(32), h(s, "host", a, address))
+    device = h(s, "device", a, _bits(c.episode, 16, 16) % (1 + _bits(traits, 8, 8) % 3))
     scripted = w.pools.scripted
-    agent = scripted[_pick(h(s, "agent", c.actor, _pick(c.episode, 2)), len(scripted))]
-    group = w.targeted_ad_group(c, 3, h(s, "choice", c.episode))
-    return ip, device, agent, group
+    agent = scripted[_pick(h(s, "agent", a, _bits(c.episode, 32, 1)), len(scripted))]
+    return ip, device, agent, w.targeted_ad_group(c, 3, c.episode)
 
 
 def _identity_farm(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    phones = 30 + _pick(h(s, "phones", c.actor), 270)
-    device = h(s, "device", c.actor, _pick(c.episode, phones))
-    nat = _pick(h(s, "nat", device), 1 + _pick(h(s, "nats", c.actor), 3))
-    ip = w.ip(w.pools.farm, h(s, "net", c.actor), h(s, "host", c.actor, nat))
-    models = 2 + _pick(h(s, "models", c.actor), 6)
+    s, h, a = c.scenario.name, w.h, c.actor
+    traits = h(s, "traits", a)
+    device = h(s, "device", a, _pick(c.episode, 30 + _bits(traits, 0, 16) % 270))
+    nat = _bits(device, 0, 16) % (1 + _bits(traits, 16, 8) % 3)
+    ip = w.ip(w.pools.farm, traits >> _U64(32), h(s, "host", a, nat))
+    model = _bits(device, 16, 16) % (2 + _bits(traits, 24, 8) % 6)
     mobile = w.pools.mobile
-    agent = mobile[_pick(h(s, "agent", c.actor, _pick(h(s, "model", device), models)), len(mobile))]
-    group = w.targeted_ad_group(c, 5, c.click)
-    return ip, device, agent, group
+    agent = mobile[_pick(h(s, "agent", a, model), len(mobile))]
+    return ip, device, agent, w.targeted_ad_group(c, 5, c.click)
 
 
 def _identity_reset(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    ip = w.home_ip(s, c.actor)
-    device = h(s, "device", c.click)
-    agent = w.browser(h(s, "agent", c.actor), skew=2.0)
-    group = w.targeted_ad_group(c, 3, c.click)
-    return ip, device, agent, group
+    s, h, a = c.scenario.name, w.h, c.actor
+    # The device key is the click's own random key: a new advertising id every click.
+    agent = w.browser(h(s, "agent", a), skew=2.0)
+    return w.home_ip(s, a), c.click, agent, w.targeted_ad_group(c, 3, c.click)
 
 
 def _identity_odd_hour(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    ip = w.home_ip(s, c.actor)
-    device = h(s, "device", c.actor)
-    agent = w.browser(h(s, "agent", c.actor))
-    count = 1 + _pick(h(s, "targets", c.actor), 3)
+    s, h, a = c.scenario.name, w.h, c.actor
+    actor = c.per_click(a)
+    target = _pick(c.click >> _U64(40), 1 + _pick(h(s, "targets", actor), 3))
     expensive = w.pools.expensive
-    group = expensive[_pick(h(s, "target", c.actor, _pick(c.click, count)), len(expensive))]
-    return ip, device, agent, group
+    group = expensive[_pick(h(s, "target", actor, target), len(expensive))]
+    return w.home_ip(s, a), h(s, "device", a), w.browser(h(s, "agent", a)), group
 
 
 def _identity_stealth(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    # A residential proxy network: the exit address is some real household's address.
+    # A residential proxy network: each click leaves from some household's address.
     s, h = c.scenario.name, w.h
-    ip = w.home_ip("organic", c.click & _U64((1 << 40) - 1))
-    device = h(s, "device", c.click)
-    agents = 3 + _pick(h(s, "agents", c.actor), 4)
-    agent = w.browser(h(s, "agent", c.actor, _pick(h(s, "which", c.click), agents)), skew=5.0)
-    group = w.targeted_ad_group(c, 5, h(s, "choice", c.click))
-    return ip, device, agent, group
+    actor = c.per_click(c.actor)
+    ip = w.home_ip("organic", c.click >> _U64(24))
+    which = _bits(c.click, 0, 8) % (3 + _pick(h(s, "agents", actor), 4))
+    agent = w.browser(h(s, "agent", actor, which), skew=5.0)
+    return ip, c.click, agent, w.targeted_ad_group(c, 5, c.click)
 
 
 def _identity_slow_farm(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    phones = 20 + _pick(h(s, "phones", c.actor), 100)
-    device = h(s, "device", c.actor, _pick(c.episode, phones))
-    own = _unit(h(s, "own-net", c.actor)) < 0.5
+    s, h, a = c.scenario.name, w.h, c.actor
     pools = w.pools
+    traits = h(s, "traits", a)
+    device = h(s, "device", a, _pick(c.episode, 20 + _bits(traits, 0, 16) % 100))
+    own = _bits(traits, 16, 16) < 0.5 * 65536
     net = np.where(
         own,
-        pools.farm[_pick(h(s, "net", c.actor), len(pools.farm))],
-        pools.residential[_pick(h(s, "isp-net", c.actor), len(pools.residential))],
+        pools.farm[_pick(traits >> _U64(32), len(pools.farm))],
+        pools.residential[_pick(traits >> _U64(32), len(pools.residential))],
     )
-    ip = net + (1 + _pick(h(s, "host", device), 254)).astype(np.uint32)
+    ip = net + (1 + _bits(device, 0, 16) % 254).astype(np.uint32)
     mobile = pools.mobile
-    agent = mobile[np.minimum((len(mobile) * _unit(h(s, "agent", device)) ** 2).astype(np.int64), len(mobile) - 1)]
-    group = w.targeted_ad_group(c, 4, c.click)
-    return ip, device, agent, group
+    agent = mobile[_skewed(_unit(h(s, "agent", device)), len(mobile), 2.0)]
+    return ip, device, agent, w.targeted_ad_group(c, 4, c.click)
 
 
 def _identity_sdk_bot(w: _World, c: _Clicks) -> tuple[np.ndarray, ...]:
-    s, h = c.scenario.name, w.h
-    net = _pick(h(s, "net", c.episode), 2 + _pick(h(s, "nets", c.actor), 3))
-    ip = w.ip(w.pools.carrier, h(s, "carrier", c.actor, net), h(s, "host", c.episode))
-    device = h(s, "device", c.episode)
+    s, h, a = c.scenario.name, w.h, c.actor
+    traits = h(s, "traits", a)
+    net = _bits(c.episode, 0, 16) % (2 + _bits(traits, 0, 8) % 3)
+    ip = w.ip(w.pools.carrier, h(s, "carrier", a, net), c.episode >> _U64(16))
     sdk = w.pools.sdk
-    agent = sdk[_pick(h(s, "agent", c.actor, _pick(c.episode, 3)), len(sdk))]
-    group = w.targeted_ad_group(c, 3, c.episode)
-    return ip, device, agent, group
+    agent = sdk[_pick(h(s, "agent", a, _bits(c.episode, 32, 8) % 3), len(sdk))]
+    return ip, c.episode, agent, w.targeted_ad_group(c, 3, c.episode)
 
 
 _IDENTITIES = {
@@ -768,7 +796,7 @@ _PROFILES = {
     "office": lambda hour, weekday: np.where(weekday < 5, 0.03 + _bump(hour, 13.0, 3.0), 0.04),
     "flat": lambda hour, weekday: np.ones_like(hour),
     "farm": lambda hour, weekday: (0.05 + _bump(hour, 5.5, 3.0)) * np.where(weekday == 6, 0.4, 1.0),
-    "night": lambda hour, weekday: 0.02 + _bump(hour, 2.5, 1.2),
+    "night": lambda hour, weekday: 0.005 + _bump(hour, 2.5, 1.2),
     "mixed": lambda hour, weekday: 0.5 + 0.4 * _diurnal(hour, weekday),
 }
 
@@ -801,6 +829,7 @@ class _Plan:
         self.config = config
         self.drift = Drift.parse(config.drift)
         self.scenarios = scenarios_for(self.drift)
+        self.scenario_names = pa.array([s.name for s in self.scenarios], pa.string())
         self.start_us = int(config.start.timestamp() * _US_PER_S)
         self.window_us = int(round(config.days * 86_400 * _US_PER_S))
 
@@ -866,7 +895,9 @@ def _episode_sizes(rng: np.random.Generator, s: Scenario, total: int) -> np.ndar
     return sizes
 
 
-def _generate_scenario(plan: _Plan, world: _World, p_actor: np.ndarray, i: int, j: int) -> dict[str, np.ndarray]:
+def _generate_scenario(
+    plan: _Plan, world: _World, p_actor: np.ndarray, i: int, j: int
+) -> dict[str, np.ndarray]:
     """The clicks of scenario ``i`` whose episodes start in slice ``j``."""
     s = plan.scenarios[i]
     total = int(plan.slice_events[i, j])
@@ -879,8 +910,7 @@ def _generate_scenario(plan: _Plan, world: _World, p_actor: np.ndarray, i: int, 
     cdf = plan.cdf[i]
     u = rng.uniform(np.interp(lo_us, plan.grid_us, cdf), np.interp(hi_us, plan.grid_us, cdf), episodes)
     start = np.clip(np.interp(u, cdf, plan.grid_us).astype(np.int64), lo_us, hi_us - 1)
-    actor = np.minimum((plan.actors[i] * rng.random(episodes) ** s.actor_skew).astype(np.int64), plan.actors[i] - 1)
-    episode_key = rng.integers(0, 2**63, episodes, dtype=np.int64).astype(_U64)
+    actor = _skewed(rng.random(episodes), int(plan.actors[i]), s.actor_skew)
 
     # Clicks: gaps inside each episode (a period for scripts, lognormal for people)
     of = np.repeat(np.arange(episodes), sizes)
@@ -896,26 +926,27 @@ def _generate_scenario(plan: _Plan, world: _World, p_actor: np.ndarray, i: int, 
     offsets = np.cumsum(gaps_us)
     offsets -= np.repeat(offsets[first], sizes)
 
-    # Episodes that would run past the window end start earlier (never before their slice)
+    # Episodes that would run past the window end end where they would have started
+    # instead (never starting before their slice; clicks are capped at the window end)
     duration = offsets[first + sizes - 1]
-    start = np.maximum(np.minimum(start, plan.window_us - 1 - duration), lo_us)
+    late = start + duration >= plan.window_us
+    start[late] = np.maximum(start[late] - duration[late] - 1, lo_us)
     t = np.minimum(start[of] + offsets, plan.window_us - 1)
 
     # Entities, cost and label
-    clicks = _Clicks(s, actor[of], episode_key[of], rng.integers(0, 2**63, total, dtype=np.int64).astype(_U64))
-    ip, device, agent, group = _IDENTITIES[s.identity](world, clicks)
-    pools = world.pools
-    cost = pools.ag_cost[group] * pools.keyword_cost_multiplier[pools.ag_keyword[group]]
-    cost = np.round(cost * np.exp(0.2 * rng.standard_normal(total)), 4)
-    gid = plan.actor_offset[i] + clicks.actor
+    keys = rng.bit_generator.random_raw(episodes + total)
+    clicks = _Clicks(s, of, actor, keys[:episodes], keys[episodes:])
+    ip, device, agent, group = (clicks.per_click(v) for v in _IDENTITIES[s.identity](world, clicks))
+    cost = np.round(world.pools.ag_cost[group] * np.exp(0.2 * rng.standard_normal(total)), 4)
+    gid = (plan.actor_offset[i] + actor).astype(np.int32)[of]
     label = (rng.random(total) < p_actor[gid]).astype(np.int8)
     return {
         "t": t,
         "scenario": np.full(total, i, dtype=np.int8),
-        "ip": ip.astype(np.uint32),
+        "ip": ip.astype(np.uint32, copy=False),
         "device": device,
-        "agent": agent.astype(np.int32),
-        "group": group.astype(np.int32),
+        "agent": agent.astype(np.int32, copy=False),
+        "group": group.astype(np.int32, copy=False),
         "cost": cost,
         "actor": gid,
         "label": label,
@@ -954,7 +985,23 @@ def _slices(plan: _Plan, world: _World, p_actor: np.ndarray):
         yield _take(merged, slice(0, cut))
 
 
-# Columns: numeric events to arrow strings ------------------------------------------------
+# Columns: numeric events to arrow columns ------------------------------------------------
+
+# Parquet layout of a part. Strings that repeat (campaign, ad group, keyword, agent,
+# scenario, address, device) are handed to the writer as dictionary arrays, which skips
+# both materializing them and hashing them again. The arrow schema is not stored, since it
+# would record those dictionary types: readers then see plain strings, exactly
+# SYNTHETIC.arrow_schema().
+_PARQUET_OPTIONS: dict[str, Any] = {
+    "store_schema": False,
+    "use_dictionary": [
+        "campaign_id", "ad_group", "keyword_type", "ip_address", "device_id", "user_agent", "is_fraud",
+        "fraud_probability", "scenario",
+    ],
+    "column_encoding": {"event_id": "DELTA_BYTE_ARRAY", "click_time": "DELTA_BINARY_PACKED"},
+    # Room for a part's distinct devices and addresses in one dictionary page.
+    "dictionary_pagesize_limit": 32 << 20,
+}
 
 
 def _fixed_width_strings(chars: np.ndarray) -> pa.Array:
@@ -981,61 +1028,73 @@ class _Formatter:
         self.octets = pa.array([str(i) for i in range(256)], pa.string())
 
     def event_ids(self, first: int, n: int) -> pa.Array:
-        index = np.arange(first, first + n, dtype=np.int64)
+        """``ev-<seed>-<index>``, the index zero-padded to 12 digits (string order = time order)."""
         if first + n > 10**12:
             raise ValueError("event index does not fit 12 digits")
-        chars = np.empty((n, len(self.prefix) + 12), dtype=np.uint8)
-        chars[:, : len(self.prefix)] = self.prefix
-        chars[:, len(self.prefix) : len(self.prefix) + 6] = self.six_digits[index // 1_000_000]
-        chars[:, len(self.prefix) + 6 :] = self.six_digits[index % 1_000_000]
+        index = np.arange(first, first + n, dtype=np.int64)
+        width = len(self.prefix)
+        chars = np.empty((n, width + 12), dtype=np.uint8)
+        chars[:, :width] = self.prefix
+        chars[:, width : width + 6] = self.six_digits[index // 1_000_000]
+        chars[:, width + 6 :] = self.six_digits[index % 1_000_000]
         return _fixed_width_strings(chars)
 
     def device_ids(self, key: np.ndarray) -> pa.Array:
-        # UUID-shaped: 16 bytes from two rounds of the hash, version nibble left as drawn.
-        raw = np.stack([_mix(key), _mix(key ^ _GOLDEN)], axis=1).view(np.uint8)
-        hexed = self.hex_pairs[raw].view(np.uint8).reshape(len(key), 32)
-        chars = np.empty((len(key), 36), dtype=np.uint8)
+        """UUID-shaped ids hashed from device keys, as a dictionary array: each key once."""
+        encoded = pa.array(key).dictionary_encode()
+        unique = encoded.dictionary.to_numpy()
+        raw = np.empty((len(unique), 2), dtype=_U64)
+        raw[:, 0] = _mix(unique)
+        raw[:, 1] = _mix(unique ^ _GOLDEN)
+        hexed = self.hex_pairs[raw.view(np.uint8)].view(np.uint8)
+        chars = np.empty((len(unique), 36), dtype=np.uint8)
         chars[:, [8, 13, 18, 23]] = ord("-")
         chars[:, 0:8] = hexed[:, 0:8]
         chars[:, 9:13] = hexed[:, 8:12]
         chars[:, 14:18] = hexed[:, 12:16]
         chars[:, 19:23] = hexed[:, 16:20]
         chars[:, 24:36] = hexed[:, 20:32]
-        return _fixed_width_strings(chars)
+        return pa.DictionaryArray.from_arrays(encoded.indices, _fixed_width_strings(chars))
 
     def ip_addresses(self, ip: np.ndarray) -> pa.Array:
-        parts = [self.octets.take(pa.array(((ip >> shift) & 255).astype(np.int32))) for shift in (24, 16, 8, 0)]
-        return pc.binary_join_element_wise(*parts, ".")
+        """Dotted quads as a dictionary array: each distinct address formatted once."""
+        encoded = pa.array(ip).dictionary_encode()
+        unique = encoded.dictionary.to_numpy()
+        octets = [self.octets.take(((unique >> shift) & 255).astype(np.int32)) for shift in (24, 16, 8, 0)]
+        return pa.DictionaryArray.from_arrays(encoded.indices, pc.binary_join_element_wise(*octets, "."))
 
 
 def _to_table(
     chunk: dict[str, np.ndarray], first: int, plan: _Plan, pools: Pools, fmt: _Formatter, p_actor: np.ndarray
 ) -> pa.Table:
-    group = pa.array(chunk["group"])
-    scenario_names = pa.array([s.name for s in plan.scenarios], pa.string())
+    """One part as an arrow table with :data:`SYNTHETIC` columns (some dictionary-typed)."""
+    group = chunk["group"]
     columns = {
-        "event_id": fmt.event_ids(first, len(chunk["t"])),
-        "campaign_id": pools.campaigns.take(pa.array(pools.ag_campaign[chunk["group"]])),
-        "ad_group": pools.ad_groups.take(group),
-        "keyword_type": pools.keywords.take(pa.array(pools.ag_keyword[chunk["group"]].astype(np.int32))),
+        "event_id": fmt.event_ids(first, len(group)),
+        "campaign_id": pa.DictionaryArray.from_arrays(pools.ag_campaign[group], pools.campaigns),
+        "ad_group": pa.DictionaryArray.from_arrays(group, pools.ad_groups),
+        "keyword_type": pa.DictionaryArray.from_arrays(pools.ag_keyword[group], pools.keywords),
         "click_time": pa.array(chunk["t"] + plan.start_us, pa.timestamp("us", tz="UTC")),
         "ip_address": fmt.ip_addresses(chunk["ip"]),
         "device_id": fmt.device_ids(chunk["device"]),
-        "user_agent": pools.agents.take(pa.array(chunk["agent"])),
+        "user_agent": pa.DictionaryArray.from_arrays(chunk["agent"], pools.agents),
         "click_cost": pa.array(chunk["cost"], pa.float64()),
         "is_fraud": pa.array(chunk["label"], pa.int8()),
         "fraud_probability": pa.array(p_actor[chunk["actor"]], pa.float64()),
-        "scenario": scenario_names.take(pa.array(chunk["scenario"].astype(np.int32))),
+        "scenario": pa.DictionaryArray.from_arrays(chunk["scenario"], plan.scenario_names),
     }
-    schema = SYNTHETIC.arrow_schema()
-    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+    names = SYNTHETIC.arrow_schema().names
+    schema = pa.schema([pa.field(name, columns[name].type, nullable=False) for name in names])
+    return pa.Table.from_arrays([columns[name] for name in names], schema=schema)
 
 
 # Bookkeeping: the Bayes AUC without keeping every event -----------------------------------
 
 
-def grouped_auc(score: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> float:
+def grouped_auc(score: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> float | None:
     """ROC AUC of a score from per-score-value counts; ties count one half, as in sklearn.
+
+    ``None`` when there are no positives or no negatives (the AUC is undefined).
 
     :param score: score of each group (may repeat across groups).
     :param positives: label-1 events per group.
@@ -1046,7 +1105,7 @@ def grouped_auc(score: np.ndarray, positives: np.ndarray, negatives: np.ndarray)
     neg = np.bincount(inverse, weights=negatives, minlength=len(values))
     total_pos, total_neg = pos.sum(), neg.sum()
     if total_pos == 0 or total_neg == 0:
-        return float("nan")
+        return None
     below = np.cumsum(neg) - neg
     return float(np.sum(pos * (below + 0.5 * neg)) / (total_pos * total_neg))
 
@@ -1078,11 +1137,11 @@ class _Tally:
                 continue
             if lo == self.edges[k]:
                 self.split_start_us[k] = int(chunk["t"][lo - first])
-            actor = chunk["actor"][lo - first : hi - first]
+            actor, label = chunk["actor"][lo - first : hi - first], chunk["label"][lo - first : hi - first]
             self.events[k] += np.bincount(actor, minlength=self.actors)
-            self.frauds[k] += np.bincount(actor, weights=chunk["label"][lo - first : hi - first], minlength=self.actors)
+            self.frauds[k] += np.bincount(actor, weights=label, minlength=self.actors)
 
-    def auc(self, p_actor: np.ndarray, splits: list[int]) -> float:
+    def auc(self, p_actor: np.ndarray, splits: list[int]) -> float | None:
         events = self.events[splits].sum(axis=0)
         frauds = self.frauds[splits].sum(axis=0)
         seen = events > 0
@@ -1092,17 +1151,35 @@ class _Tally:
 # The run ----------------------------------------------------------------------------------
 
 
+def _parts(chunks, part_rows: int, rows: int):
+    """Cut time-ordered chunks into parts of ``part_rows`` rows: ``(first index, part)``."""
+    buffer: list[dict[str, np.ndarray]] = []
+    buffered = first = 0
+    for chunk in chunks:
+        buffer.append(chunk)
+        buffered += len(chunk["t"])
+        while buffered >= part_rows or (buffered and first + buffered == rows):
+            merged = _concat(buffer)
+            size = min(part_rows, buffered)
+            yield first, _take(merged, slice(0, size))
+            first, buffered = first + size, buffered - size
+            buffer = [_take(merged, slice(size, None))] if buffered else []
+
+
 def generate(config: GenerateConfig) -> dict[str, Any]:
     """Generate ``config.rows`` events into a parquet dataset at ``config.output``.
+
+    The dataset is written to a temporary sibling and published whole when complete.
 
     :param config: the run's options.
     :return: the stage result (rows, fraud rate, Bayes AUC overall and per time split,
         per-scenario counts, the window, the drift and the throughput).
     """
     began = time.perf_counter()
+
+    # Plan and pools
     plan = _Plan(config)
-    organic = plan.scenarios[0]
-    residential = max(512, int(plan.actors[0]) // 30) if organic.name == "organic" else 512
+    residential = max(512, int(plan.actors[0]) // 30)  # about 30 organic users per /24
     pools = build_pools(config.seed, plan.drift, residential)
     world = _World(config.seed, pools)
     p_actor = plan.fraud_probabilities(world.h)
@@ -1114,41 +1191,33 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         config.rows, parts, plan.slices, _iso(config.start), config.days, config.seed, plan.drift.name,
     )
 
-    # Write parts in a background thread while the next one is generated
+    # Parts: formatted and written in a background thread while the next is generated
     tmp = storage.temp_sibling(config.output)
     fs, tmp_path = storage.filesystem(tmp)
     fs.makedirs(tmp_path, exist_ok=True)
     written = 0
 
-    def write(part: int, chunk: dict[str, np.ndarray], first: int) -> None:
+    def write(part: int, first: int, chunk: dict[str, np.ndarray]) -> None:
         nonlocal written
         table = _to_table(chunk, first, plan, pools, fmt, p_actor)
-        pq.write_table(table, posixpath.join(tmp_path, f"part-{part:05d}.parquet"), filesystem=fs)
+        path = posixpath.join(tmp_path, f"part-{part:05d}.parquet")
+        pq.write_table(table, path, filesystem=fs, **_PARQUET_OPTIONS)
         written += table.num_rows
-        elapsed = time.perf_counter() - began
         logger.info(
-            "part %d/%d written: %d rows (%d of %d so far), %.0f events/s",
-            part + 1, parts, table.num_rows, written, config.rows, written / max(elapsed, 1e-9),
+            "part %d/%d written: %d rows, %d of %d so far, %.0f events/s",
+            part + 1, parts, table.num_rows, written, config.rows,
+            written / max(time.perf_counter() - began, 1e-9),
         )
 
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-writer") as pool:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate-writer") as writer:
             pending: Future | None = None
-            buffer: list[dict[str, np.ndarray]] = []
-            buffered = first = part = 0
-            for chunk in _slices(plan, world, p_actor):
-                buffer.append(chunk)
-                buffered += len(chunk["t"])
-                while buffered >= config.part_rows or (buffered and first + buffered == config.rows):
-                    merged = _concat(buffer)
-                    size = min(config.part_rows, buffered)
-                    out, rest = _take(merged, slice(0, size)), _take(merged, slice(size, None))
-                    tally.add(out, first)
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(write, part, out, first)
-                    first, part, buffered = first + size, part + 1, buffered - size
-                    buffer = [rest] if buffered else []
+            chunks = _slices(plan, world, p_actor)
+            for part, (first, chunk) in enumerate(_parts(chunks, config.part_rows, config.rows)):
+                tally.add(chunk, first)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write, part, first, chunk)
             if pending is not None:
                 pending.result()
         if written != config.rows:
@@ -1161,19 +1230,35 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
 
     # Result
     elapsed = time.perf_counter() - began
-    frauds = int(tally.scenario_frauds.sum())
-    names = ("train", "validation", "test")
-    split_starts = {names[k]: _iso(_from_us(plan.start_us + t)) for k, t in sorted(tally.split_start_us.items())}
-    result = {
+    result = _result(config, plan, tally, p_actor, parts, elapsed)
+    logger.info(
+        "wrote %d events to %s in %.1f s (%.0f events/s): fraud rate %.4f, Bayes AUC %s",
+        written, config.output, elapsed, result["events_per_s"], result["fraud_rate"], result["bayes_auc"],
+    )
+    return result
+
+
+def _result(
+    config: GenerateConfig, plan: _Plan, tally: _Tally, p_actor: np.ndarray, parts: int, elapsed: float
+) -> dict[str, Any]:
+    names = list(SPLIT_FRACTIONS)
+    rows = int(tally.scenario_events.sum())
+    starts = {names[k]: _iso(_from_us(plan.start_us + t)) for k, t in sorted(tally.split_start_us.items())}
+    return {
         "dataset": SYNTHETIC.name,
         "schema_fingerprint": SYNTHETIC.fingerprint(),
         "raw_uri": config.output,
-        "rows": written,
+        "rows": rows,
         "parts": parts,
-        "fraud_rate": frauds / written,
+        "part_rows": config.part_rows,
+        "fraud_rate": float(tally.scenario_frauds.sum() / rows),
         "bayes_auc": tally.auc(p_actor, [0, 1, 2]),
         "bayes_auc_by_split": {name: tally.auc(p_actor, [k]) for k, name in enumerate(names)},
-        "split": {"by": "click_time quantiles, ties by event_id", "fractions": SPLIT_FRACTIONS, "starts": split_starts},
+        "split": {
+            "by": "click_time quantiles (ties by event_id); train is the earliest",
+            "fractions": SPLIT_FRACTIONS,
+            "starts": starts,
+        },
         "scenarios": {
             s.name: {
                 "fraud_mechanism": s.fraud,
@@ -1186,16 +1271,12 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
         },
         "start": _iso(config.start),
         "end": _iso(config.end),
+        "days": config.days,
         "seed": config.seed,
         "drift": plan.drift.describe(),
         "elapsed_s": round(elapsed, 3),
-        "events_per_s": round(written / max(elapsed, 1e-9), 1),
+        "events_per_s": round(rows / max(elapsed, 1e-9), 1),
     }
-    logger.info(
-        "wrote %d events to %s in %.1f s (%.0f events/s): fraud rate %.4f, Bayes AUC %.4f",
-        written, config.output, elapsed, result["events_per_s"], result["fraud_rate"], result["bayes_auc"],
-    )
-    return result
 
 
 def _from_us(us: int) -> datetime:
@@ -1207,10 +1288,12 @@ def _from_us(us: int) -> datetime:
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("jobs.generate", "Generate synthetic ad-click events with behavioural fraud as parquet.")
-    p.add_argument("--output", required=True, help="URI of the parquet dataset directory to write (replaced whole)")
+    p.add_argument(
+        "--output", required=True, help="URI of the parquet dataset directory to write (replaced whole)"
+    )
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="number of events to generate")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed; same seed and options, same bytes")
-    p.add_argument("--start", default=DEFAULT_START, help="start of the event window, ISO date or date-time (UTC)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (same options, same bytes)")
+    p.add_argument("--start", default=DEFAULT_START, help="window start: an ISO date or date-time, UTC")
     p.add_argument("--days", type=float, default=DEFAULT_DAYS, help="length of the event window in days")
     p.add_argument(
         "--part-rows", type=int, default=DEFAULT_PART_ROWS,
@@ -1220,7 +1303,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--drift", choices=DRIFTS, default="none",
         help="shift the traffic: new campaigns, a different fraud mix, inflated costs, a new bot, or all",
     )
-    p.add_argument("--smoke-test", action="store_true", help=f"generate only {SMOKE_TEST_ROWS} rows, for quick checks")
+    p.add_argument(
+        "--smoke-test", action="store_true", help=f"generate only {SMOKE_TEST_ROWS} rows (overrides --rows)"
+    )
     return p
 
 

@@ -100,7 +100,7 @@ def test_values_look_like_traffic(dataset):
     octets = events["ip_address"].str.split(".", expand=True).astype(int)
     assert octets.shape[1] == 4 and octets.ge(0).all().all() and octets.le(255).all().all()
     assert octets[3].between(1, 254).all()
-    assert events["device_id"].str.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").all()
+    assert events["device_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}").all()
     assert (events["ad_group"].str.rsplit("-ag", n=1).str[0] == events["campaign_id"]).all()
     assert events["user_agent"].nunique() > 500
     assert events["campaign_id"].value_counts().iloc[0] > 5 * events["campaign_id"].value_counts().median()
@@ -140,7 +140,8 @@ def test_bayes_auc_matches_sklearn_on_the_file(dataset):
         part = ordered.iloc[edges[k] : edges[k + 1]]
         expected = roc_auc_score(part["is_fraud"], part["fraud_probability"])
         assert result["bayes_auc_by_split"][name] == pytest.approx(expected, abs=1e-9), name
-        assert result["split"]["starts"][name] == part["click_time"].iloc[0].isoformat().replace("+00:00", "Z")
+        start = part["click_time"].iloc[0].isoformat().replace("+00:00", "Z")
+        assert result["split"]["starts"][name] == start
 
 
 def test_time_window_and_part_order(dataset):
@@ -183,7 +184,9 @@ def is_browser(agent: pd.Series) -> pd.Series:
 def test_mechanisms_show_in_the_traffic(dataset):
     """Each fraud mechanism leaves the trace it is documented to leave."""
     _, _, events = dataset
-    events = events.assign(hour=events["click_time"].dt.hour, first_octet=events["ip_address"].str.split(".").str[0])
+    events = events.assign(
+        hour=events["click_time"].dt.hour, first_octet=events["ip_address"].str.split(".").str[0]
+    )
     by = {name: group for name, group in events.groupby("scenario")}
     datacenter = {str(o) for o in generate.DATACENTER_FIRST_OCTETS}
 
@@ -294,7 +297,6 @@ def per_ip_features(events: pd.DataFrame) -> pd.DataFrame:
     return features
 
 
-@pytest.mark.slow
 def test_fraud_is_learnable_from_simple_features(dataset):
     """A quick boosted model on per-IP aggregates ranks test-split fraud well (AUC > 0.8)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -302,7 +304,7 @@ def test_fraud_is_learnable_from_simple_features(dataset):
     _, result, events = dataset
     features, label = per_ip_features(events), events["is_fraud"].to_numpy()
     train, test = slice(0, int(0.7 * ROWS)), slice(int(0.85 * ROWS), ROWS)
-    model = HistGradientBoostingClassifier(max_iter=150, random_state=0)
+    model = HistGradientBoostingClassifier(max_iter=100, random_state=0)
     model.fit(features.iloc[train], label[train])
     auc = roc_auc_score(label[test], model.predict_proba(features.iloc[test])[:, 1])
     assert auc > 0.8
@@ -313,4 +315,5 @@ def test_smoke_test_flag(tmp_path: Path):
     """--smoke-test writes a few thousand rows whatever --rows says."""
     result = run_cli(tmp_path / "smoke", "--smoke-test", "--rows", "10000000")
     assert result["rows"] == generate.SMOKE_TEST_ROWS
-    assert pa.concat_tables(pq.read_table(p) for p in part_files(tmp_path / "smoke")).num_rows == result["rows"]
+    tables = [pq.read_table(p) for p in part_files(tmp_path / "smoke")]
+    assert pa.concat_tables(tables).num_rows == result["rows"]
