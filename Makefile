@@ -12,10 +12,10 @@ demo: setup run
 
 setup: $(VENV)/.installed .airflow/airflow.db
 
-$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt -c constraints.txt
+	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
