@@ -34,7 +34,7 @@ def build_features(raw, spec: DatasetSpec):
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    roles = {"ip": spec.ip, "device": spec.device, "app": spec.app, "channel": spec.channel}
+    roles = {"ip": spec.ip, "device": spec.device, "app": spec.app, "channel": spec.channel, "agent": spec.agent}
     ts = spec.timestamp
 
     # Total order: time in ms, then event id among events of the same millisecond.

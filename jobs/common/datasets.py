@@ -67,6 +67,7 @@ class DatasetSpec:
     :param device: the column that identifies the device.
     :param app: the column that identifies what was advertised (campaign or app).
     :param channel: the column that identifies where the ad ran (ad group or channel).
+    :param agent: the column that identifies the client software (user agent or OS version).
     :param categorical: columns fed to the model as embedded ids.
     :param numeric: raw numeric columns fed to the model (beside the derived features).
     :param cost: the column holding a click's cost, if the dataset has one.
@@ -86,6 +87,7 @@ class DatasetSpec:
     device: str
     app: str
     channel: str
+    agent: str
     categorical: tuple[str, ...]
     numeric: tuple[str, ...] = ()
     cost: str | None = None
@@ -138,6 +140,7 @@ SYNTHETIC = DatasetSpec(
     device="device_id",
     app="campaign_id",
     channel="ad_group",
+    agent="user_agent",
     categorical=("campaign_id", "ad_group", "keyword_type", "user_agent", "ip_subnet"),
     numeric=("click_cost",),
     cost="click_cost",
@@ -168,6 +171,7 @@ TALKINGDATA = DatasetSpec(
     device="device",
     app="app",
     channel="channel",
+    agent="os",
     categorical=("app", "device", "os", "channel"),
     segment="app",
     withheld=("attributed_time",),

@@ -27,6 +27,9 @@ WINDOW_COUNTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("ip_device_clicks_1h", ("ip", "device"), 3_600),
     ("ip_app_clicks_1h", ("ip", "app"), 3_600),
     ("ip_channel_clicks_1d", ("ip", "channel"), 86_400),
+    # The same device and client software behind one address: close to one user.
+    ("ip_device_agent_clicks_1d", ("ip", "device", "agent"), 86_400),
+    ("ip_app_agent_clicks_1d", ("ip", "app", "agent"), 86_400),
 )
 
 # Seconds since the previous click of the same entity; absent history reads as this.
@@ -34,6 +37,7 @@ GAP_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip_secs_since_prev", ("ip",)),
     ("ip_device_secs_since_prev", ("ip", "device")),
     ("ip_app_secs_since_prev", ("ip", "app")),
+    ("ip_device_agent_secs_since_prev", ("ip", "device", "agent")),
 )
 NO_PREVIOUS_CLICK_S = 7 * 86_400
 
@@ -41,6 +45,7 @@ NO_PREVIOUS_CLICK_S = 7 * 86_400
 DISTINCT_FEATURES: tuple[tuple[str, str], ...] = (
     ("ip_distinct_devices", "device"),
     ("ip_distinct_apps", "app"),
+    ("ip_distinct_channels", "channel"),
 )
 
 CALENDAR_FEATURES = ("hour_of_day",)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -77,7 +78,8 @@ def test_no_leakage_features_do_not_change_when_later_events_are_deleted(full, r
     _, frame = full
     table = storage.read_table(raw_uri)
     cutoff = frame["click_time"].quantile(0.6)
-    early = table.filter(pc.less_equal(table["click_time"], pc.scalar(cutoff.to_pydatetime())))
+    keep = pc.less_equal(table["click_time"], pa.scalar(cutoff.to_pydatetime(), type=table.schema.field("click_time").type))
+    early = table.filter(keep)
     early_uri = str(tmp_path / "early_raw")
     storage.write_table(early, early_uri)
     out = str(tmp_path / "early_features")
