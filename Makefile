@@ -6,7 +6,7 @@ VENV ?= .venv
 ENV := source scripts/env.sh &&
 CONF ?= {}
 
-.PHONY: demo setup run talkingdata test test-fast lint airflow-ui mlflow-ui bench clean
+.PHONY: demo setup horovod run talkingdata test test-fast lint airflow-ui mlflow-ui bench clean
 
 demo: setup run
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 .airflow/airflow.db: $(VENV)/.installed
 	$(ENV) mkdir -p "$$AIRFLOW_HOME" && airflow db migrate > "$$AIRFLOW_HOME/migrate.log" 2>&1 \
 		|| { tail -20 "$$AIRFLOW_HOME/migrate.log"; exit 1; }
+
+# Horovod 0.28.1 needs a C++17 patch to build against torch 2.13 (about 5 minutes).
+horovod: setup
+	$(ENV) scripts/install_horovod.sh
 
 run: setup
 	$(ENV) scripts/run_dag.sh '$(CONF)'

@@ -83,12 +83,22 @@ def launch(args, argv: list[str]) -> int:
             f"--nproc-per-node={args.workers}", "-m", "jobs.train", *argv,
         ]
     else:
-        if shutil.which("horovodrun") is None:
+        import importlib.util
+
+        horovodrun = shutil.which("horovodrun")
+        if horovodrun is None or importlib.util.find_spec("horovod") is None:
             cli.fail(
                 "--backend horovod needs Horovod, which is not installed here: build it with "
                 "scripts/install_horovod.sh (CPU, gloo) or use the trainer-gpu image (NCCL)"
             )
-        cmd = ["horovodrun", "-np", str(args.workers), "--gloo", sys.executable, "-m", "jobs.train", *argv]
+        # All N workers on this host, started directly (no ssh), with gloo on the same
+        # interface as torchrun's (loopback unless the caller set GLOO_SOCKET_IFNAME).
+        # horovodrun sets HOROVOD_RANK in every worker, which main() reads.
+        cmd = [
+            horovodrun, "-np", str(args.workers), "-H", f"localhost:{args.workers}", "--gloo",
+            "--network-interfaces", env["GLOO_SOCKET_IFNAME"], "--disable-cache",
+            sys.executable, "-m", "jobs.train", *argv,
+        ]
     logger.info("starting %d %s workers", args.workers, args.backend)
     return subprocess.call(cmd, env=env)
 

@@ -133,12 +133,27 @@ class TorchDistributedBackend(Backend):
 
 
 class HorovodBackend(Backend):
-    """Horovod allreduce through its DistributedOptimizer; started by horovodrun."""
+    """Horovod allreduce through its DistributedOptimizer; started by ``horovodrun --gloo``.
+
+    Each worker process builds one of these after horovodrun has set ``HOROVOD_RANK``
+    and the gloo rendezvous variables. Gradients are averaged by the wrapped optimizer;
+    the module itself is not wrapped. Per-worker torch threads are set by :func:`fit`.
+    """
 
     name = "horovod"
 
     def __init__(self) -> None:
-        import horovod.torch as hvd  # imported here: horovod is optional
+        try:
+            import horovod.torch as hvd  # imported here: horovod is optional
+        except ImportError as exc:
+            import sys
+
+            from jobs.common import cli
+
+            cli.fail(
+                f"--backend horovod: horovod.torch does not import in {sys.executable} ({exc}); "
+                "build it with scripts/install_horovod.sh (CPU, gloo) or use the trainer-gpu image (NCCL)"
+            )
 
         hvd.init()
         self._hvd = hvd
@@ -147,10 +162,23 @@ class HorovodBackend(Backend):
         logger.info("horovod: rank %d of %d", self.rank, self.world_size)
 
     def optimizer(self, opt: torch.optim.Optimizer, net: nn.Module) -> torch.optim.Optimizer:
-        return self._hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
+        """Wrap ``opt`` so ``step()`` allreduces gradients, and give all ranks rank 0's state."""
+        opt = self._hvd.DistributedOptimizer(opt, named_parameters=net.named_parameters())
+        # NOTE: not hvd.broadcast_optimizer_state: on a fresh optimizer it first takes a
+        # zero-gradient step to create the state, which for AdamW applies weight decay and
+        # advances the step count, so horovod runs would drift from the torch backend's.
+        # Sending the whole state dict (the pattern of hvd.broadcast_object's docs) covers
+        # both a fresh and a restored optimizer, hyper-parameters included.
+        state = self._hvd.broadcast_object(opt.state_dict(), root_rank=0, name="optimizer_state")
+        if self.rank != 0:
+            opt.load_state_dict(state)
+        return opt
 
     def broadcast(self, net: nn.Module) -> None:
         self._hvd.broadcast_parameters(net.state_dict(), root_rank=0)
+
+    def close(self) -> None:
+        self._hvd.shutdown()
 
 
 def seed_everything(seed: int) -> None:
@@ -234,7 +262,9 @@ def fit(
         total, steps = 0.0, 0
         for start in range(0, len(shard), local_batch):
             idx = shard[start : start + local_batch]
-            opt.zero_grad(set_to_none=True)
+            # Plain zero_grad(): torch 2 sets gradients to None by default, and Horovod
+            # 0.28.1's DistributedOptimizer.zero_grad() accepts no arguments.
+            opt.zero_grad()
             loss = loss_fn(model(cats[idx], nums[idx]), labels[idx])
             loss.backward()
             opt.step()
