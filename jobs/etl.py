@@ -72,12 +72,13 @@ def build_features(raw, spec: DatasetSpec):
 
     df = df.withColumn("hour_of_day", F.hour(F.col(ts)).cast("double"))
 
-    keep = [spec.event_id, ts, spec.label, "_okey"]
+    # The label and oracle columns pass through when present (batch scoring has none).
+    keep = [spec.event_id, ts] + ([spec.label] if spec.label in df.columns else []) + ["_okey"]
     keep += [c for c in spec.categorical if c not in keep]
     keep += features.derived_numeric(spec)
     keep += [c for c in spec.numeric if c not in keep]
     for extra in (spec.segment, spec.cost, *spec.oracle):
-        if extra and extra not in keep:
+        if extra and extra not in keep and extra in df.columns:
             keep.append(extra)
     out = df.select(*keep)
     for column in spec.categorical:
