@@ -97,10 +97,12 @@ def run(args) -> dict:
     try:
         # Resources from what the cluster has: never ask for more than one node offers.
         total = int(ray.cluster_resources().get("CPU", 1))
+        largest_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
         concurrent = max(1, min(args.trials, total))
-        per_trial = max(1, total // concurrent)
-        logger.info("tuning %d trials, %d at a time, %d CPU each (cluster has %d)", args.trials, concurrent,
-                    per_trial, total)
+        # A trial runs on one node: never ask for more CPUs than the largest node has.
+        per_trial = max(1, min(total // concurrent, largest_node))
+        logger.info("tuning %d trials, %d at a time, %d CPU each (cluster has %d, largest node %d)", args.trials,
+                    concurrent, per_trial, total, largest_node)
         trainable = tune.with_resources(
             tune.with_parameters(trial, pre=pre, train=train, validation=validation, epochs=args.max_epochs,
                                  threads=per_trial),
