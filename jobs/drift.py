@@ -1,12 +1,15 @@
 """Data drift of the newest events against the training reference, with Evidently.
 
-Compares the model's input features of ``--current`` (for example the newest split, or
-features of new events) with ``--reference`` (the champion's training split) using
-Evidently's ``DataDriftPreset``. Writes the report as HTML and JSON, logs both to MLflow
-and says whether the share of drifted columns passed ``--threshold``. With fewer than
-``--min-rows`` current events it reports ``insufficient_data`` and never signals drift.
-Columns constant in both inputs cannot drift and are left out of the test (and listed),
-so the drift share is always defined.
+Compares the model's input features of ``--current`` (one or more feature tables, for
+example the newest split, or every split of the newest events' features) with
+``--reference`` (a training split) or, with ``--reference-model``, with the training
+split of that registered model's champion (its ``adfraud.data_uri`` tag + ``/train``),
+using Evidently's ``DataDriftPreset``. Writes the report as HTML and JSON, logs both to
+MLflow and says whether the share of drifted columns passed ``--threshold``. With fewer
+than ``--min-rows`` rows on either side it reports ``insufficient_data``, and without a
+champion ``no_reference``; neither ever signals drift. Columns constant in both inputs
+cannot drift and are left out of the test (and listed), so the drift share is always
+defined.
 """
 
 from __future__ import annotations
@@ -23,19 +26,44 @@ logger = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_INSUFFICIENT = "insufficient_data"
+STATUS_NO_REFERENCE = "no_reference"
 
 # Categorical columns with more distinct values than this are compared by their
 # frequency ranks' coverage only (Evidently would build huge tables otherwise).
 MAX_CATEGORICAL_CARDINALITY = 200
 
 
-def load_features(uri: str, columns: list[str], sample_rows: int, seed: int) -> pd.DataFrame:
-    frame = storage.read_table(uri).to_pandas()
+def load_features(uris: str | list[str], columns: list[str], sample_rows: int, seed: int) -> pd.DataFrame:
+    """The model-input columns of one or more feature tables, at most ``sample_rows`` rows."""
+    uris = [uris] if isinstance(uris, str) else uris
+    frame = pd.concat([storage.read_table(uri).to_pandas() for uri in uris], ignore_index=True)
     present = [c for c in columns if c in frame.columns]
     frame = frame[present]
     if len(frame) > sample_rows:
         frame = frame.sample(n=sample_rows, random_state=seed).sort_index()
     return frame.reset_index(drop=True)
+
+
+def champion_reference(model_name: str) -> tuple[str | None, int | None]:
+    """(training split URI, version) of ``model_name``'s champion; (None, None) without one."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    tracking.configure()
+    try:
+        version = MlflowClient().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None, None
+    data_uri = version.tags.get(tracking.TAG_DATA_URI)
+    if not data_uri:
+        raise ValueError(f"{model_name} champion v{version.version} has no {tracking.TAG_DATA_URI} tag")
+    return storage.join(data_uri, "train"), int(version.version)
+
+
+def no_signal(result: dict, status: str) -> dict:
+    """A result that never triggers a retrain."""
+    return {**result, "status": status, "drift_detected": False, "drift_share": None,
+            "report_html_uri": None, "report_json_uri": None, "mlflow_run_id": None}
 
 
 def drift_share(snapshot_dict: dict) -> tuple[int, float]:
@@ -56,24 +84,36 @@ def run(args) -> dict:
     spec = datasets.get(args.dataset)
     numeric = features.numeric_features(spec)
     categorical = list(spec.categorical)
-    reference = load_features(args.reference, numeric + categorical, args.sample_rows, args.seed)
-    current = load_features(args.current, numeric + categorical, args.sample_rows, args.seed)
     result: dict = {
         "dataset": spec.name,
         "reference_uri": args.reference,
-        "current_uri": args.current,
-        "reference_rows": len(reference),
-        "current_rows": len(current),
+        "reference_model": args.reference_model,
+        "reference_version": None,
+        "current_uri": args.current[0] if len(args.current) == 1 else args.current,
         "threshold": args.threshold,
         "min_rows": args.min_rows,
     }
+
+    # The reference: given, or the champion's training split.
+    reference_uri = args.reference
+    if reference_uri is None:
+        reference_uri, result["reference_version"] = champion_reference(args.reference_model)
+        result["reference_uri"] = reference_uri
+        if reference_uri is None:
+            logger.warning("%s has no champion yet: nothing to compare the newest events with",
+                           args.reference_model)
+            return no_signal({**result, "reference_rows": 0, "current_rows": None}, STATUS_NO_REFERENCE)
+        logger.info("reference: %s champion v%s, %s", args.reference_model, result["reference_version"],
+                    reference_uri)
+    reference = load_features(reference_uri, numeric + categorical, args.sample_rows, args.seed)
+    current = load_features(args.current, numeric + categorical, args.sample_rows, args.seed)
+    result.update(reference_rows=len(reference), current_rows=len(current))
 
     # Too little data: say so and never trigger.
     if len(current) < args.min_rows or len(reference) < args.min_rows:
         logger.warning("insufficient data for drift: %d current, %d reference rows (need %d)",
                        len(current), len(reference), args.min_rows)
-        return {**result, "status": STATUS_INSUFFICIENT, "drift_detected": False, "drift_share": None,
-                "report_html_uri": None, "report_json_uri": None, "mlflow_run_id": None}
+        return no_signal(result, STATUS_INSUFFICIENT)
 
     # Columns constant on both sides cannot drift and make some tests undefined.
     both = pd.concat([reference, current], ignore_index=True)
@@ -83,7 +123,8 @@ def run(args) -> dict:
     cat_cols = [c for c in categorical if c in both.columns and c not in constant and c not in high_card]
     if not num_cols and not cat_cols:
         return {**result, "status": STATUS_OK, "drift_detected": False, "drift_share": 0.0, "drifted_columns": 0,
-                "columns_tested": 0, "constant_columns": constant, "report_html_uri": None,
+                "columns_tested": 0, "constant_columns": constant, "skipped_high_cardinality": high_card,
+                "report_html_uri": None,
                 "report_json_uri": None, "mlflow_run_id": None}
     definition = DataDefinition(numerical_columns=num_cols, categorical_columns=cat_cols)
     ref_ds = Dataset.from_pandas(reference[num_cols + cat_cols], data_definition=definition)
@@ -105,11 +146,15 @@ def run(args) -> dict:
         tracking.configure()
         with mlflow.start_run(
             run_name=f"drift-{spec.name}",
-            tags={tracking.TAG_DAG_RUN_ID: args.run_id, tracking.TAG_DATASET: spec.name, tracking.TAG_STAGE: "drift"},
+            tags={
+                tracking.TAG_DAG_RUN_ID: args.run_id, tracking.TAG_DATASET: spec.name, tracking.TAG_STAGE: "drift",
+                "adfraud.drift_detected": str(detected).lower(),
+                "adfraud.reference_version": str(result["reference_version"] or ""),
+            },
         ) as run:
             mlflow.log_metrics({"drift_share": share, "drifted_columns": drifted})
-            mlflow.log_params({"threshold": args.threshold, "reference": args.reference[:500],
-                               "current": args.current[:500]})
+            mlflow.log_params({"threshold": args.threshold, "reference": reference_uri[:500],
+                               "current": ",".join(args.current)[:500]})
             mlflow.log_artifact(html, artifact_path="drift")
             mlflow.log_artifact(js, artifact_path="drift")
     return {
@@ -129,8 +174,11 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser("jobs.drift", __doc__.split("\n\n")[0])
-    p.add_argument("--reference", required=True, help="feature table URI of the training reference")
-    p.add_argument("--current", required=True, help="feature table URI of the newest events")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--reference", help="feature table URI of the training reference")
+    ref.add_argument("--reference-model", help="registered model name: compare with its champion's training split")
+    p.add_argument("--current", required=True, nargs="+",
+                   help="feature table URI(s) of the newest events; several are read as one table")
     p.add_argument("--dataset", required=True, choices=sorted(datasets.DATASETS), help="dataset spec")
     p.add_argument("--output", required=True, help="URI for drift_report.html and drift_report.json")
     p.add_argument("--threshold", type=float, default=0.3, help="share of drifted columns that counts as drift")
@@ -142,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     cli.configure_logging(args.verbose)
     if not 0 < args.threshold <= 1:
         cli.fail("--threshold must be in (0, 1]")
-    cli.write_result(run(args), args.result_path)
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        cli.fail(str(exc))
+    cli.write_result(result, args.result_path)
 
 
 if __name__ == "__main__":

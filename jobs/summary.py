@@ -65,8 +65,9 @@ def _fmt(value: Any) -> str:
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"adfraud retrain {summary['run_id']} ({summary['source']})"]
     keys = ["rows", "rows_quarantined", "splits", "true_fraud_rate", "bayes_auc", "test_auc", "test_pr_auc",
-            "test_bayes_auc", "auc_fraction_of_bayes", "model_name", "model_version", "aliases", "promoted",
-            "gate_reason", "live_version", "onnx_max_abs_diff", "tensorrt", "drift_status", "drift_share",
+            "test_bayes_auc", "auc_fraction_of_bayes", "baseline_test_auc", "model_name", "model_version",
+            "aliases", "gate_passed", "gate_reason", "review_decision", "reviewer", "auto_approved", "promoted",
+            "champion_version", "live_version", "triggered_by", "trigger_drift_share", "trigger_drift_report", "onnx_max_abs_diff", "tensorrt", "drift_status", "drift_share",
             "drift_report", "mlflow_run_id"]
     for key in keys:
         if key in summary and summary[key] is not None:

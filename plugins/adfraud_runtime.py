@@ -10,6 +10,9 @@ the result becomes the task's XCom.
 
 The runtime is chosen by ``ADFRAUD_RUNTIME`` (``local``, the default, or
 ``kubernetes``), read when the DAG file is parsed.
+
+:class:`ReviewOperator` is the human review between the promotion gate and the
+``promote`` stage: Airflow's HITL approval, which a policy may answer instead of a person.
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.standard.operators.hitl import ApprovalOperator, HITLOperator
+from airflow.sdk import Asset, BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
 
+from jobs import promote
 from jobs.common import settings
 
 logger = logging.getLogger(__name__)
@@ -46,6 +52,11 @@ NAMESPACE_ENV_VAR = "ADFRAUD_K8S_NAMESPACE"
 DEFAULT_NAMESPACE = "adfraud"
 SERVICE_ACCOUNT_ENV_VAR = "ADFRAUD_K8S_SERVICE_ACCOUNT"
 DEFAULT_SERVICE_ACCOUNT = "adfraud-jobs"
+
+# The asset adfraud_drift updates when the newest events drifted past its threshold;
+# adfraud_retrain is scheduled on it (or nightly). Each event's extra carries
+# drift_share, report_uri, report_json_uri, mlflow_run_id, dataset and events_uri.
+DRIFT_ASSET = Asset(name="adfraud_drift", uri="adfraud://drift/detected")
 
 # Lines of a failed local stage's output repeated in the task's error.
 ERROR_TAIL_LINES = 25
@@ -229,3 +240,58 @@ def stage(spec: StageSpec, env: dict[str, str] | None = None, **kwargs):
         execution_timeout=_timedelta(spec.resources.timeout_s),
         **kwargs,
     )
+
+
+def _truthy(value: Any) -> bool:
+    """A rendered template flag ("True", "true", "1" ...) as a bool."""
+    return str(value).strip().lower() in ("true", "1", "yes", "on")
+
+
+class ReviewOperator(ApprovalOperator):
+    """Asks a person to approve or reject a registered challenger, in the Airflow UI.
+
+    The task waits (state ``awaiting_input``) until someone answers in the UI's Required
+    Actions or through the REST API (``hitlDetails``), unless ``auto_approve`` renders
+    true: then it approves at once and says so. It skips itself, and the promotion after
+    it, when ``gate_passed`` renders false. Unlike the plain ApprovalOperator, a
+    rejection does not skip downstream tasks: the ``promote`` stage records it.
+
+    Returns ``decision`` (``approve`` | ``reject``), ``reviewer``, ``reviewed_at`` (ISO 8601
+    UTC) and ``auto_approved``.
+
+    :param gate_passed: whether the challenger passed its promotion gate (templated).
+    :param auto_approve: approve without asking when true (templated).
+    :param kwargs: passed to ApprovalOperator (subject, body, response_timeout ...).
+    """
+
+    template_fields = (*ApprovalOperator.template_fields, "gate_passed", "auto_approve")
+    ui_color = "#fdf1d6"
+
+    def __init__(self, *, gate_passed: str, auto_approve: str = "false", **kwargs):
+        super().__init__(**kwargs)
+        self.gate_passed = gate_passed
+        self.auto_approve = auto_approve
+
+    def execute(self, context: Any) -> Any:
+        if not _truthy(self.gate_passed):
+            raise AirflowSkipException("the challenger failed its promotion gate: nothing to review")
+        if _truthy(self.auto_approve):
+            from airflow.sdk.timezone import utcnow
+
+            self.log.info("auto_approve is on: approving without a reviewer (%s)", self.subject)
+            return {"decision": promote.APPROVE, "reviewer": promote.AUTO_REVIEWER,
+                    "reviewed_at": utcnow().isoformat(), "auto_approved": True, "chosen_options": [self.APPROVE]}
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        # HITLOperator's checks and bookkeeping, without ApprovalOperator's skip on Reject.
+        payload = HITLOperator.execute_complete(self, context=context, event=event)
+        chosen = payload["chosen_options"][0]
+        user = payload.get("responded_by_user") or {}
+        reviewer = user.get("name") or user.get("id") or ("timeout" if event.get("timedout") else "unknown")
+        responded_at = payload.get("responded_at")
+        decision = promote.APPROVE if chosen == self.APPROVE else promote.REJECT
+        self.log.info("review answered: %s by %s", chosen, reviewer)
+        return {"decision": decision, "reviewer": reviewer,
+                "reviewed_at": responded_at.isoformat() if responded_at else "",
+                "auto_approved": False, "chosen_options": list(payload["chosen_options"])}

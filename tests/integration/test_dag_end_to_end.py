@@ -68,6 +68,7 @@ def test_dag_on_small_synthetic_data(tmp_path):
     assert summary["test_auc"] > 0.85
     assert summary["test_auc"] <= summary["test_bayes_auc"] + 0.02
     assert summary["aliases"] == ["challenger", "champion"]
+    assert summary["auto_approved"] is True
     assert summary["live_version"] == 1
     assert summary["onnx_parity_passed"] is True and summary["onnx_max_abs_diff"] <= 1e-5
     assert summary["drift_status"] == "ok"

@@ -304,7 +304,7 @@ CRD_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "PrometheusRule": PROME
 def test_objects_match_kubernetes_schemas(rendered, case, kube_version):
     objects = rendered[case]["objects"]
     assert objects
-    for (kind, name), doc in objects.items():
+    for (kind, _name), doc in objects.items():
         if doc["apiVersion"].startswith(CRD_API_GROUP):
             jsonschema.validate(doc, CRD_SCHEMAS[kind])
         else:

@@ -7,15 +7,19 @@ import json
 import sys
 from unittest import mock
 
+import kubernetes_validate
 import pytest
 
 from tests.conftest import REPO_ROOT
 
+# Kubernetes version whose OpenAPI schema every rendered pod is validated against.
+K8S_VERSION = "1.37.0"
 DAG_FILE = REPO_ROOT / "dags" / "adfraud_retrain.py"
 # The KPO's hook loads a kube config when it builds a pod; no cluster here.
 KPO_HOOK = "airflow.providers.cncf.kubernetes.operators.pod.KubernetesPodOperator.hook"
 
-STAGES = ["generate", "ingest", "etl", "tune", "train", "evaluate", "export", "register", "drift", "rollout"]
+STAGES = ["generate", "ingest", "etl", "tune", "train", "evaluate", "export", "baseline", "register", "promote", "drift",
+          "rollout"]
 EXPECTED_IMAGE_ROLE = {"tune": "tuner", "train": "trainer-gpu", "export": "trainer-gpu"}
 GPU_STAGES = {"train", "export"}
 
@@ -45,6 +49,9 @@ def render_pod(task) -> dict:
     from kubernetes.client import ApiClient
 
     hook = mock.MagicMock(is_in_cluster=False)
+    # The XCom sidecar's image and resources come from the hook's connection.
+    hook.get_xcom_sidecar_container_image.return_value = "alpine:3.20"
+    hook.get_xcom_sidecar_container_resources.return_value = None
     with mock.patch(KPO_HOOK, new_callable=mock.PropertyMock, return_value=hook):
         pod = task.build_pod_request_obj()
     return ApiClient().sanitize_for_serialization(pod)
@@ -58,6 +65,7 @@ def test_kubernetes_runtime_renders_each_stage_pod(k8s_dag, stage):
     task = k8s_dag.get_task(stage)
     assert isinstance(task, KubernetesPodOperator)
     pod = render_pod(task)
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
     container = pod["spec"]["containers"][0]
     role = EXPECTED_IMAGE_ROLE.get(stage, "jobs")
     assert container["image"] == f"registry.example.com/adfraud/adfraud-{role}:1.2.3"
