@@ -38,6 +38,10 @@ def load_features(uris: str | list[str], columns: list[str], sample_rows: int, s
     uris = [uris] if isinstance(uris, str) else uris
     frame = pd.concat([storage.read_table(uri).to_pandas() for uri in uris], ignore_index=True)
     present = [c for c in columns if c in frame.columns]
+    missing = [c for c in columns if c not in frame.columns]
+    if len(missing) > len(columns) // 2:
+        raise ValueError(f"{', '.join(uris)}: not a feature table (missing {len(missing)} of {len(columns)} "
+                         f"model inputs, e.g. {missing[:3]}); pass the etl stage's output")
     frame = frame[present]
     if len(frame) > sample_rows:
         frame = frame.sample(n=sample_rows, random_state=seed).sort_index()
@@ -192,7 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail("--threshold must be in (0, 1]")
     try:
         result = run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
+        cli.fail(f"not found: {exc}")
+    except ValueError as exc:
         cli.fail(str(exc))
     cli.write_result(result, args.result_path)
 

@@ -645,7 +645,7 @@ class _Checked:
         self.exact_repeats = np.zeros(n, dtype=bool)
 
         # Encoding and field count.
-        self._flag(BAD_ENCODING, bad_encoding, "the line is not valid UTF-8 text")
+        self._flag(BAD_ENCODING, bad_encoding, "the line is not valid UTF-8 text or holds a NUL byte")
         raw, well_formed = _split_fields(text, order)
         expected_fields = len(TALKINGDATA_CSV_COLUMNS)
         if not well_formed.all():
@@ -770,7 +770,8 @@ def _decode_lines(raw: list[bytes]) -> tuple[list[str], np.ndarray]:
         lines = b"".join(raw).decode("utf-8").replace("\r\n", "\n").split("\n")
         if len(lines) > len(raw):
             lines.pop()
-        return lines, np.zeros(len(raw), dtype=bool)
+        # A NUL byte is not text: the CSV tokenizer would cut the field there.
+        return lines, np.fromiter(("\x00" in line for line in lines), dtype=bool, count=len(lines))
     except UnicodeDecodeError:
         pass
     lines, bad = [], np.zeros(len(raw), dtype=bool)
@@ -780,6 +781,7 @@ def _decode_lines(raw: list[bytes]) -> tuple[list[str], np.ndarray]:
         except UnicodeDecodeError:
             text = line.decode("utf-8", errors="replace")
             bad[index] = True
+        bad[index] |= "\x00" in text
         lines.append(text.removesuffix("\n").removesuffix("\r"))
     return lines, bad
 

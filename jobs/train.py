@@ -195,6 +195,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.workers < 1:
         cli.fail("--workers must be at least 1")
     in_worker = TORCHRUN_RANK_ENV_VAR in os.environ or HOROVOD_RANK_ENV_VAR in os.environ
+    if not in_worker:
+        # Fail here, once, rather than in every worker after the launcher started.
+        try:
+            resolve_config(args)
+        except (ValueError, TypeError) as exc:
+            cli.fail(f"bad hyper-parameters: {exc}")
+        preprocessor = storage.join(args.features, "preprocessor.json")
+        if not storage.exists(preprocessor):
+            cli.fail(f"{preprocessor} not found: --features must be an ETL output")
     if args.backend == "horovod" and not in_worker:
         raise SystemExit(launch(args, argv))
     if args.backend == "torch" and args.workers > 1 and not in_worker:

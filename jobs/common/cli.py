@@ -16,8 +16,33 @@ logger = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# Exceptions that mean "the user pointed the stage at something wrong", reported in one
+# line (exit 2) instead of a traceback; anything else is a bug and keeps its traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _excepthook(kind, value, tb) -> None:
+    if issubclass(kind, USER_ERRORS) or _is_missing_registry_entity(value):
+        message = str(value)
+        if issubclass(kind, FileNotFoundError) and " " not in message:
+            message = f"not found: {message}"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    sys.__excepthook__(kind, value, tb)
+
+
+def _is_missing_registry_entity(value: BaseException) -> bool:
+    """An MLflow 'not found' (unknown model, version or alias) is a user error too."""
+    return type(value).__name__ == "MlflowException" and getattr(value, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
 def configure_logging(verbose: bool = False) -> None:
-    """Configure the root logger once, from a stage's ``main()`` (never at import)."""
+    """Configure the root logger once, from a stage's ``main()`` (never at import).
+
+    Also installs the hook that turns user errors (a missing input, an unknown model)
+    into one ``error:`` line and exit status 2.
+    """
+    sys.excepthook = _excepthook
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True
     )

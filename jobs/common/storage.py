@@ -106,6 +106,14 @@ def replace_dir(tmp_uri: str, final_uri: str) -> None:
     fs, tmp = filesystem(tmp_uri)
     _, final = filesystem(final_uri)
     if fs.exists(final):
+        # Only replace what a stage wrote (it carries the marker) or an empty directory:
+        # never a user's folder or a stage's own input.
+        if not fs.isdir(final) or (fs.ls(final) and not fs.exists(posixpath.join(final, SUCCESS_MARKER))):
+            fs.rm(tmp, recursive=True)
+            raise FileExistsError(
+                f"{final_uri} exists and is not an output of this pipeline (no {SUCCESS_MARKER}); "
+                "choose another output or remove it"
+            )
         fs.rm(final, recursive=True)
     if _is_local(fs):
         fs.makedirs(posixpath.dirname(final), exist_ok=True)

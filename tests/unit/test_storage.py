@@ -34,3 +34,16 @@ def test_read_table_ignores_metadata_but_not_underscored_parents(tmp_path):
 
 def test_join_keeps_the_scheme():
     assert storage.join("s3://bucket/prefix/", "runs", "x") == "s3://bucket/prefix/runs/x"
+
+
+def test_replace_refuses_a_directory_the_pipeline_did_not_write(tmp_path):
+    """A user's folder (or a stage's own input) is never deleted to make room for output."""
+    import pytest
+
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "ok.csv").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an output of this pipeline"):
+        storage.write_table(pa.table({"x": [1]}), str(target))
+    assert (target / "ok.csv").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
