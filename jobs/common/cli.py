@@ -36,6 +36,19 @@ def _is_missing_registry_entity(value: BaseException) -> bool:
     return type(value).__name__ == "MlflowException" and getattr(value, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not when configured
+    (a stage called in-process by a test or a notebook keeps logging after stderr moves)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Configure the root logger once, from a stage's ``main()`` (never at import).
 
@@ -44,10 +57,20 @@ def configure_logging(verbose: bool = False) -> None:
     """
     sys.excepthook = _excepthook
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, stream=sys.stderr, force=True
+        level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT, handlers=[_StderrHandler()], force=True
     )
     for noisy in ("py4j", "urllib3", "alembic", "botocore", "fsspec", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default only when there is one to show and the help text lacks it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or action.default in (None, "", argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -55,7 +78,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m {prog}",
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--result-path",
