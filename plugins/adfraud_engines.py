@@ -1021,18 +1021,23 @@ def train_task(
         ),
         shm_size=os.environ.get(SHM_SIZE_ENV_VAR, DEFAULT_SHM_SIZE),
     )
+    return _cluster_job("MPIJob", spec, builder, env, result_uri, **kwargs)
+
+
+def _cluster_job(kind: str, spec: StageSpec, builder, env, result_uri: str, **kwargs) -> ClusterJobOperator:
+    """The ClusterJobOperator that runs ``spec`` as a ``kind`` custom resource made by ``builder``."""
     from datetime import timedelta
 
     return ClusterJobOperator(
         task_id=spec.task_id or spec.name,
-        kind="MPIJob",
+        kind=kind,
         builder=builder,
         name_prefix=f"adfraud-{spec.name}",
         arguments=spec.arguments,
         env_vars=stage_env(env),
         result_uri=result_uri,
         namespace=_namespace(),
-        execution_timeout=timedelta(seconds=res.timeout_s),
+        execution_timeout=timedelta(seconds=spec.resources.timeout_s),
         **kwargs,
     )
 
@@ -1074,17 +1079,4 @@ def tune_task(
         worker_memory=res.memory,
         timeout_s=res.timeout_s,
     )
-    from datetime import timedelta
-
-    return ClusterJobOperator(
-        task_id=spec.task_id or spec.name,
-        kind="RayJob",
-        builder=builder,
-        name_prefix=f"adfraud-{spec.name}",
-        arguments=spec.arguments,
-        env_vars=stage_env(env),
-        result_uri=result_uri,
-        namespace=_namespace(),
-        execution_timeout=timedelta(seconds=res.timeout_s),
-        **kwargs,
-    )
+    return _cluster_job("RayJob", spec, builder, env, result_uri, **kwargs)
