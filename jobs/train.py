@@ -72,6 +72,19 @@ def resolve_config(args) -> TrainConfig:
     return TrainConfig.from_dict(payload)
 
 
+def find_horovodrun() -> str:
+    """The ``horovodrun`` launcher, or a one-line error when Horovod is not installed here."""
+    import importlib.util
+
+    horovodrun = shutil.which("horovodrun")
+    if horovodrun is None or importlib.util.find_spec("horovod") is None:
+        cli.fail(
+            "--backend horovod needs Horovod, which is not installed here: build it with "
+            "scripts/install_horovod.sh (CPU, gloo) or use the trainer-gpu image (NCCL)"
+        )
+    return horovodrun
+
+
 def launch(args, argv: list[str]) -> int:
     """Start the worker processes of a multi-process run and wait for them."""
     env = dict(os.environ)
@@ -83,14 +96,7 @@ def launch(args, argv: list[str]) -> int:
             f"--nproc-per-node={args.workers}", "-m", "jobs.train", *argv,
         ]
     else:
-        import importlib.util
-
-        horovodrun = shutil.which("horovodrun")
-        if horovodrun is None or importlib.util.find_spec("horovod") is None:
-            cli.fail(
-                "--backend horovod needs Horovod, which is not installed here: build it with "
-                "scripts/install_horovod.sh (CPU, gloo) or use the trainer-gpu image (NCCL)"
-            )
+        horovodrun = find_horovodrun()
         # All N workers on this host, started directly (no ssh), with gloo on the same
         # interface as torchrun's (loopback unless the caller set GLOO_SOCKET_IFNAME).
         # horovodrun sets HOROVOD_RANK in every worker, which main() reads.
@@ -196,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail("--workers must be at least 1")
     in_worker = TORCHRUN_RANK_ENV_VAR in os.environ or HOROVOD_RANK_ENV_VAR in os.environ
     if not in_worker:
-        # Fail here, once, rather than in every worker after the launcher started.
+        # Fail here, once, rather than in every worker after the launcher started; a
+        # missing launcher first, since no input would make the run possible.
+        if args.backend == "horovod":
+            find_horovodrun()
         try:
             resolve_config(args)
         except (ValueError, TypeError) as exc:
