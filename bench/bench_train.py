@@ -45,7 +45,7 @@ def main() -> None:
         for backend, workers in backends:
             result = os.path.join(tmp, f"t-{backend}-{workers}.json")
             run([sys.executable, "-m", "jobs.train", "--features", feats, "--output", os.path.join(tmp, "m"),
-                 "--workers", str(workers), "--backend", backend, "--epochs", str(args.epochs),
+                 "--workers", str(workers), "--backend", backend, "--members", "1", "--epochs", str(args.epochs),
                  "--patience", str(args.epochs), "--batch-size", str(args.batch_size), "--result-path", result], env)
             with open(result) as handle:
                 r = json.load(handle)

@@ -51,6 +51,16 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=None, help="dropout (overrides --params)")
     p.add_argument("--hidden", default=None, help="hidden sizes, comma separated, e.g. 128,64 (overrides --params)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    p.add_argument("--pos-weight", type=float, default=None,
+                   help="loss weight of label-1 rows; 0 = negatives / positives (overrides --params)")
+    p.add_argument("--members", type=int, default=None,
+                   help="networks in the deep ensemble, each with its own seed (default: 3)")
+    p.add_argument("--numeric-bins", type=int, default=None,
+                   help="quantile bins of the piecewise-linear numeric encoding; 0 = off (default: 8)")
+    p.add_argument("--target-smoothing", type=float, default=None,
+                   help="prior pseudo-count of the per-id target statistics (default: 100)")
+    p.add_argument("--no-target-encoding", dest="target_encoding", action="store_const", const=False,
+                   default=None, help="leave out the per-id target statistics")
     p.add_argument("--seed", type=int, default=None, help="seed for weights and batch order")
     p.add_argument("--run-id", default="manual", help="orchestrator run id, recorded as an MLflow tag")
     p.add_argument("--smoke-test", action="store_true", help="two epochs, for quick checks")
@@ -63,12 +73,15 @@ def resolve_config(args) -> TrainConfig:
     if args.params:
         loaded = storage.read_json(args.params)
         payload.update(loaded.get("config", loaded))
-    for key in ("epochs", "lr", "batch_size", "weight_decay", "dropout", "hidden", "patience", "seed"):
+    keys = ("epochs", "lr", "batch_size", "weight_decay", "dropout", "hidden", "patience", "pos_weight", "members",
+            "numeric_bins", "target_smoothing", "target_encoding", "seed")
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             payload[key] = value
     if args.smoke_test:
         payload["epochs"] = min(int(payload.get("epochs", 2)), 2)
+        payload["members"] = 1
     return TrainConfig.from_dict(payload)
 
 
@@ -180,6 +193,7 @@ def worker(args) -> None:
         "mlflow_run_id": run.info.run_id,
         "backend": args.backend,
         "world_size": summary["world_size"],
+        "members": config.members,
         "best_epoch": summary["best_epoch"],
         "epochs_run": summary["epochs_run"],
         "best_val_pr_auc": summary["best_val_pr_auc"],

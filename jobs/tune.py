@@ -35,11 +35,23 @@ def search_space(seed: int) -> dict:
         "lr": tune.loguniform(3e-4, 1e-2),
         "batch_size": tune.choice([256, 512, 1024, 2048]),
         "weight_decay": tune.loguniform(1e-6, 1e-3),
-        "dropout": tune.uniform(0.0, 0.4),
-        "hidden": tune.choice([[64, 32], [128, 64], [256, 128]]),
+        "dropout": tune.uniform(0.0, 0.5),
+        # Strings, not lists: Ray reads a list in a preset point as nested keys.
+        "hidden": tune.choice(["64,32", "128,64", "256,128"]),
         "max_embedding_dim": tune.choice([8, 16, 32]),
+        # 0 weighs positives by negatives / positives: hundreds on real clicks.
+        "pos_weight": tune.choice([0.0, 5.0, 20.0]),
+        "numeric_bins": tune.choice([0, 8, 16]),
         "seed": seed,
     }
+
+
+def starting_point(space: dict) -> dict:
+    """The training defaults, for the searched keys: the first trial, so the search
+    returns nothing worse on validation than an untuned run."""
+    defaults = TrainConfig().to_dict()
+    defaults["hidden"] = ",".join(str(h) for h in defaults["hidden"])
+    return {key: defaults[key] for key in space if key in defaults and key != "seed"}
 
 
 def trial(config: dict, *, pre: Preprocessor, train, validation, epochs: int, threads: int) -> None:
@@ -48,7 +60,8 @@ def trial(config: dict, *, pre: Preprocessor, train, validation, epochs: int, th
 
     from jobs.common.training import fit
 
-    cfg = TrainConfig.from_dict({**config, "epochs": epochs, "patience": epochs})
+    # One network per trial: the ensemble of the final training only averages out seeds.
+    cfg = TrainConfig.from_dict({**config, "epochs": epochs, "patience": epochs, "members": 1})
     fit(
         cfg, pre, train, validation, num_threads=threads,
         on_epoch=lambda epoch, m: tune.report({METRIC: _finite(m["val_pr_auc"]), "val_auc": _finite(m["val_auc"]),
@@ -103,6 +116,7 @@ def run(args) -> dict:
         per_trial = max(1, min(total // concurrent, largest_node))
         logger.info("tuning %d trials, %d at a time, %d CPU each (cluster has %d, largest node %d)", args.trials,
                     concurrent, per_trial, total, largest_node)
+        space = search_space(args.seed)
         trainable = tune.with_resources(
             tune.with_parameters(trial, pre=pre, train=train, validation=validation, epochs=args.max_epochs,
                                  threads=per_trial),
@@ -110,14 +124,16 @@ def run(args) -> dict:
         )
         tuner = tune.Tuner(
             trainable,
-            param_space=search_space(args.seed),
+            param_space=space,
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
                 num_samples=args.trials,
-                max_concurrent_trials=concurrent,
                 scheduler=ASHAScheduler(max_t=args.max_epochs, grace_period=args.grace_period, reduction_factor=2),
-                search_alg=BasicVariantGenerator(random_state=args.seed),
+                # The generator takes the concurrency cap itself (Tune ignores
+                # max_concurrent_trials for a SearchGenerator).
+                search_alg=BasicVariantGenerator(points_to_evaluate=[starting_point(space)],
+                                                 max_concurrent=concurrent, random_state=args.seed),
             ),
             run_config=tune.RunConfig(name="adfraud-tune", storage_path=storage_dir, verbose=0),
         )
