@@ -77,7 +77,7 @@ def build_features(raw, spec: DatasetSpec):
     keep += [c for c in spec.categorical if c not in keep]
     keep += features.derived_numeric(spec)
     keep += [c for c in spec.numeric if c not in keep]
-    for extra in (spec.segment, spec.cost, *spec.oracle):
+    for extra in (*spec.segments, spec.cost, *spec.oracle):
         if extra and extra not in keep and extra in df.columns:
             keep.append(extra)
     out = df.select(*keep)
@@ -97,7 +97,11 @@ def fit_preprocessor(train, spec: DatasetSpec):
     from pyspark.sql import functions as F
 
     vocab: dict[str, list[str]] = {}
+    buckets: dict[str, int] = {}
+    distinct = train.agg(*[F.countDistinct(c).alias(c) for c in spec.categorical]).collect()[0]
     for column in spec.categorical:
+        if distinct[column] > features.MAX_VOCAB_SIZE:
+            buckets[column] = features.HASH_BUCKETS
         rows = (
             train.where(F.col(column).isNotNull())
             .groupBy(column)
@@ -120,6 +124,7 @@ def fit_preprocessor(train, spec: DatasetSpec):
         categorical=vocab,
         numeric=numeric,
         feature_spec_hash=features.feature_spec_hash(spec),
+        hash_buckets=buckets,
     )
 
 
@@ -180,6 +185,7 @@ def run(raw_uri: str, output_uri: str, spec: DatasetSpec, fractions=(0.70, 0.85)
         "numeric_features": pre.numeric_columns,
         "categorical_features": pre.categorical_columns,
         "vocabulary_sizes": {k: len(v) for k, v in pre.categorical.items()},
+        "hash_buckets": pre.hash_buckets,
         "seconds": round(time.monotonic() - started, 1),
     }
     for name in SPLITS:

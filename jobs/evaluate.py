@@ -44,13 +44,20 @@ def score_split(net, pre: Preprocessor, uri: str) -> tuple[pd.DataFrame, np.ndar
     return frame, arrays.label.astype(np.int64), predict_proba(net, arrays.categorical, arrays.numeric)
 
 
-def segment_metrics(frame: pd.DataFrame, label: np.ndarray, score: np.ndarray, column: str) -> dict:
+def segment_values(frame: pd.DataFrame, spec: datasets.DatasetSpec, segment: str) -> pd.Series:
+    """The value of ``segment`` for every row: a column, or the derived device class."""
+    if segment == datasets.DEVICE_CLASS:
+        return frame[spec.agent].map(datasets.device_class).astype("string")
+    return frame[segment].astype("string")
+
+
+def segment_metrics(values: pd.Series, label: np.ndarray, score: np.ndarray) -> dict:
+    """Ranking metrics of the :data:`MAX_SEGMENTS` largest values with enough rows."""
     out = {}
-    counts = frame[column].astype("string").value_counts()
-    for value in counts.index[:MAX_SEGMENTS]:
-        mask = (frame[column].astype("string") == value).to_numpy()
-        if mask.sum() < MIN_SEGMENT_ROWS:
+    for value, rows in values.value_counts().iloc[:MAX_SEGMENTS].items():
+        if rows < MIN_SEGMENT_ROWS:
             continue
+        mask = (values == value).to_numpy()
         out[str(value)] = metrics.ranking_metrics(label[mask], score[mask])
     return out
 
@@ -114,8 +121,14 @@ def run(
         result["test_bayes_auc"] = bayes["auc"]
         if bayes["auc"] and test["auc"]:
             result["auc_fraction_of_bayes"] = test["auc"] / bayes["auc"]
-    if spec.segment:
-        result["segments"] = {spec.segment: segment_metrics(test_frame, test_label, test_score, spec.segment)}
+    result["segments"] = {
+        segment: segment_metrics(segment_values(test_frame, spec, segment), test_label, test_score)
+        for segment in spec.segments
+    }
+    for segment, table in result["segments"].items():
+        logger.info("test AUC by %s: %s", segment, ", ".join(
+            f"{value} {m['auc']:.3f} ({m['positives']}/{m['rows']})" if m["auc"] is not None
+            else f"{value} n/a ({m['positives']}/{m['rows']})" for value, m in table.items()))
     logger.info(
         "test AUC %.4f, PR-AUC %.4f on %d rows (%d positive); blocking fraud score >= %.4f: precision %.3f, "
         "recall %.3f, saves %.2f of %.2f",

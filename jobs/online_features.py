@@ -728,6 +728,7 @@ class InputEncoder:
     def __init__(self, pre: Preprocessor) -> None:
         self.categorical = pre.categorical_columns
         self.numeric = pre.numeric_columns
+        self._pre = pre
         self._lookups = [
             {value: i + 1 for i, value in enumerate(pre.categorical[c])} for c in self.categorical
         ]
@@ -742,11 +743,11 @@ class InputEncoder:
         n = len(columns[self.categorical[0] if self.categorical else self.numeric[0]])
         cats = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, (column, lookup) in enumerate(zip(self.categorical, self._lookups, strict=True)):
-            oov = features.OOV_INDEX
-            cats[:, j] = [
-                lookup.get("" if v is None else (v if isinstance(v, str) else spark_string(v)), oov)
-                for v in columns[column]
-            ]
+            strings = ["" if v is None else (v if isinstance(v, str) else spark_string(v)) for v in columns[column]]
+            if self._pre.hash_buckets.get(column):
+                cats[:, j] = [self._pre.category_id(column, v) for v in strings]
+            else:
+                cats[:, j] = [lookup.get(v, features.OOV_INDEX) for v in strings]
         # One row per column, so each column is contiguous as in the pandas path; the
         # float64 operations are Preprocessor.transform's, element by element.
         raw = np.array([columns[c] for c in self.numeric], dtype=np.float64).reshape(len(self.numeric), n)

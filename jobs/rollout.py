@@ -22,6 +22,9 @@ from jobs.common.training import load_split
 
 logger = logging.getLogger(__name__)
 
+# The evaluate stage's validation-chosen threshold, as logged on the training run.
+THRESHOLD_METRIC = "test_fraud_threshold"
+
 
 def serving_config_uri() -> str:
     return os.environ.get(settings.SERVING_CONFIG_ENV_VAR) or storage.join(settings.home(), "serving", "current.json")
@@ -59,9 +62,21 @@ def run(args) -> dict:
         if pre.feature_spec_hash != version.tags.get(tracking.TAG_FEATURE_SPEC, pre.feature_spec_hash):
             raise RuntimeError(f"{args.model_name} v{version.version}: preprocessor does not match its feature spec")
         scores = smoke_score(onnx_local, pre, args.features, args.rows)
-        for local, name in ((onnx_local, "model.onnx"), (pre_local, "preprocessor.json")):
+        files = [(onnx_local, "model.onnx"), (pre_local, "preprocessor.json")]
+        # A TensorRT engine exists when export ran on a GPU; GPU servers load it.
+        engines = [a.path for a in client.list_artifacts(version.run_id, "tensorrt") if a.path.endswith(".plan")]
+        if engines:
+            files.append((mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=engines[0],
+                                                              dst_path=tmp), "model.plan"))
+        for local, name in files:
             with open(local, "rb") as handle:
                 storage.write_bytes(storage.join(store, name), handle.read())
+    # The blocking threshold that evaluate chose on validation (on the fraud score).
+    run_metrics = client.get_run(version.run_id).data.metrics
+    threshold = run_metrics.get(THRESHOLD_METRIC)
+    if threshold is None:
+        logger.warning("%s v%s has no %s metric: servers fall back to their own threshold", args.model_name,
+                       version.version, THRESHOLD_METRIC)
     logger.info("smoke check of %s v%s on %d events: scores %s", args.model_name, version.version, len(scores),
                 scores[:5])
 
@@ -75,6 +90,8 @@ def run(args) -> dict:
         "onnx_uri": storage.join(store, "model.onnx"),
         "preprocessor_uri": storage.join(store, "preprocessor.json"),
         "feature_spec_hash": pre.feature_spec_hash,
+        "threshold": threshold,
+        "tensorrt_uri": storage.join(store, "model.plan") if engines else None,
         "mlflow_run_id": version.run_id,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "dag_run_id": args.run_id,

@@ -18,7 +18,7 @@ if str(REPO_ROOT / "plugins") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "plugins"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def talkingdata_sample() -> Path:
     if not TALKINGDATA_SAMPLE.exists():
         pytest.skip(f"TalkingData sample not found at {TALKINGDATA_SAMPLE}")

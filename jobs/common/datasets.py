@@ -71,7 +71,8 @@ class DatasetSpec:
     :param categorical: columns fed to the model as embedded ids.
     :param numeric: raw numeric columns fed to the model (beside the derived features).
     :param cost: the column holding a click's cost, if the dataset has one.
-    :param segment: the column metrics are broken down by.
+    :param segments: what test metrics are broken down by: feature-table columns, or
+        ``device_class``, derived from the user agent (:func:`device_class`).
     :param oracle: columns produced with the data that no model may read.
     :param withheld: columns known only after the label, never used as features.
     """
@@ -91,7 +92,7 @@ class DatasetSpec:
     categorical: tuple[str, ...]
     numeric: tuple[str, ...] = ()
     cost: str | None = None
-    segment: str | None = None
+    segments: tuple[str, ...] = ()
     oracle: tuple[str, ...] = ()
     withheld: tuple[str, ...] = field(default_factory=tuple)
 
@@ -112,6 +113,28 @@ class DatasetSpec:
         """A short hash of the spec: changes whenever the layout or roles change."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Segment derived from the spec's user-agent column (synthetic events).
+DEVICE_CLASS = "device_class"
+
+
+def device_class(user_agent: str | None) -> str:
+    """``mobile``, ``tablet``, ``desktop``, ``automation`` (HTTP libraries, headless
+    browsers, crawlers) or ``unknown``, from a user-agent string."""
+    ua = (user_agent or "").lower()
+    if not ua:
+        return "unknown"
+    if any(k in ua for k in ("okhttp", "curl", "python", "java/", "go-http", "wget", "headless", "bot", "spider",
+                             "crawler", "phantomjs", "selenium")):
+        return "automation"
+    if "ipad" in ua or ("android" in ua and "mobile" not in ua) or "tablet" in ua:
+        return "tablet"
+    if any(k in ua for k in ("mobile", "iphone", "ipod", "android", "blackberry", "opera mini", "windows phone")):
+        return "mobile"
+    if any(k in ua for k in ("windows", "macintosh", "x11", "linux", "cros")):
+        return "desktop"
+    return "unknown"
 
 
 SYNTHETIC = DatasetSpec(
@@ -144,7 +167,7 @@ SYNTHETIC = DatasetSpec(
     categorical=("campaign_id", "ad_group", "keyword_type", "user_agent", "ip_subnet"),
     numeric=("click_cost",),
     cost="click_cost",
-    segment="keyword_type",
+    segments=("keyword_type", DEVICE_CLASS),
     oracle=("fraud_probability", "scenario"),
 )
 
@@ -173,7 +196,8 @@ TALKINGDATA = DatasetSpec(
     channel="channel",
     agent="os",
     categorical=("app", "device", "os", "channel"),
-    segment="app",
+    # TalkingData's `device` is already the device type (encoded), its own device class.
+    segments=("app", "device"),
     withheld=("attributed_time",),
 )
 

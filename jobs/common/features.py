@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,16 @@ CALENDAR_FEATURES = ("hour_of_day",)
 MAX_VOCAB_SIZE = 5_000
 MIN_VOCAB_COUNT = 2
 OOV_INDEX = 0
+# A column with more distinct training values than MAX_VOCAB_SIZE (client IPs, device ids
+# at scale) also gets this many hashed ids: a value outside its vocabulary shares an id
+# with the values of the same CRC-32 bucket instead of the single OOV id.
+HASH_BUCKETS = 4_096
+
+
+def hash_bucket(value: str, buckets: int) -> int:
+    """Bucket of a value's string form: CRC-32, stable across processes and machines
+    (Python's ``hash`` of a string is salted per process)."""
+    return zlib.crc32(value.encode("utf-8")) % buckets
 
 
 def derived_numeric(spec: DatasetSpec) -> list[str]:
@@ -96,20 +107,23 @@ def feature_spec_hash(spec: DatasetSpec) -> str:
 class Preprocessor:
     """Turns a feature table into the model's two inputs: categorical ids and numbers.
 
-    Categorical values map to ``1..K`` by vocabulary; anything unseen or null maps to
-    :data:`OOV_INDEX`. Numeric features go through ``log1p`` (all are non-negative counts,
+    Categorical values map to ``1..K`` by vocabulary; null or empty maps to
+    :data:`OOV_INDEX`, and so does anything unseen, unless the column has hash buckets:
+    then an unseen value maps to ``K + 1 + hash_bucket(value, B)``. Numeric features go through ``log1p`` (all are non-negative counts,
     gaps or costs) and are standardized with the training split's mean and std.
 
     :param dataset: the dataset spec name.
     :param categorical: column name -> vocabulary (values as strings, in id order from 1).
     :param numeric: column name -> {"mean": ..., "std": ...} of ``log1p(value)``.
     :param feature_spec_hash: :func:`feature_spec_hash` of the spec it was fitted for.
+    :param hash_buckets: column -> number of hashed ids after its vocabulary (absent = none).
     """
 
     dataset: str
     categorical: dict[str, list[str]]
     numeric: dict[str, dict[str, float]]
     feature_spec_hash: str
+    hash_buckets: dict[str, int] = field(default_factory=dict)
     _index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -123,7 +137,17 @@ class Preprocessor:
     @property
     def cardinalities(self) -> list[int]:
         """Embedding table sizes, the OOV id included."""
-        return [len(vocab) + 1 for vocab in self.categorical.values()]
+        return [len(vocab) + 1 + self.hash_buckets.get(c, 0) for c, vocab in self.categorical.items()]
+
+    def category_id(self, column: str, value: str) -> int:
+        """The id of one value's string form (``""`` stands for null)."""
+        found = self._lookup(column).get(value)
+        if found is not None:
+            return found
+        buckets = self.hash_buckets.get(column, 0)
+        if not buckets or value == "":
+            return OOV_INDEX
+        return len(self.categorical[column]) + 1 + hash_bucket(value, buckets)
 
     def _lookup(self, column: str) -> dict[str, int]:
         if column not in self._index:
@@ -139,7 +163,11 @@ class Preprocessor:
         for j, column in enumerate(self.categorical):
             lookup = self._lookup(column)
             values = frame[column].astype("string").fillna("")
-            cats[:, j] = values.map(lookup).fillna(OOV_INDEX).to_numpy(dtype=np.int64)
+            ids = values.map(lookup)
+            if self.hash_buckets.get(column):
+                unseen = ids.isna() & (values != "")
+                ids[unseen] = values[unseen].map(lambda v, c=column: self.category_id(c, v))
+            cats[:, j] = ids.fillna(OOV_INDEX).to_numpy(dtype=np.int64)
         nums = np.empty((len(frame), len(self.numeric)), dtype=np.float32)
         for j, (column, stats) in enumerate(self.numeric.items()):
             raw = pd.to_numeric(frame[column], errors="coerce").astype("float64").fillna(0.0).to_numpy()
@@ -155,6 +183,7 @@ class Preprocessor:
             "numeric": self.numeric,
             "numeric_order": list(self.numeric),
             "feature_spec_hash": self.feature_spec_hash,
+            "hash_buckets": self.hash_buckets,
         }
 
     @classmethod
@@ -166,6 +195,7 @@ class Preprocessor:
             categorical={k: list(payload["categorical"][k]) for k in cat_order},
             numeric={k: dict(payload["numeric"][k]) for k in num_order},
             feature_spec_hash=payload["feature_spec_hash"],
+            hash_buckets={k: int(v) for k, v in payload.get("hash_buckets", {}).items()},
         )
 
 

@@ -78,6 +78,11 @@ def test_dag_on_small_synthetic_data(tmp_path):
     assert_registered(summary, "adfraud-synthetic")
     serving = json.loads((Path(summary["_home"]) / "serving" / "current.json").read_text())
     assert serving["version"] == 1 and Path(serving["onnx_uri"]).exists()
+    # The server blocks at the threshold evaluate chose on validation; no GPU, no engine.
+    evaluation = json.loads(next((Path(summary["_home"]) / "runs").glob("*/evaluation/metrics.json")).read_text())
+    assert serving["threshold"] == pytest.approx(evaluation["test_fraud_threshold"])
+    assert serving["tensorrt_uri"] is None
+    assert set(evaluation["segments"]) == {"keyword_type", "device_class"}
 
 
 def test_dag_on_talkingdata_sample(tmp_path, talkingdata_sample):

@@ -106,3 +106,19 @@ def test_vocabularies_are_learned_on_the_training_split_only(full):
     later_only = set(frame.loc[frame["_split"] != "train", "user_agent"].astype(str)) - set(
         frame.loc[frame["_split"] == "train", "user_agent"].astype(str))
     assert not later_only & set(pre.categorical["user_agent"])
+
+
+def test_a_column_above_the_vocabulary_cap_gets_hash_buckets(raw_uri, tmp_path, monkeypatch):
+    """With the cap below user_agent's distinct count, its tail is hashed, not all sent to OOV."""
+    monkeypatch.setattr(features, "MAX_VOCAB_SIZE", 20)
+    result = etl.run(raw_uri, str(tmp_path / "capped"), datasets.SYNTHETIC, partitions=2)
+    pre = features.Preprocessor.from_dict(storage.read_json(result["preprocessor_uri"]))
+    assert result["hash_buckets"] == pre.hash_buckets
+    assert pre.hash_buckets.get("user_agent") == features.HASH_BUCKETS
+    assert "keyword_type" not in pre.hash_buckets  # four values: a vocabulary is enough
+    assert len(pre.categorical["user_agent"]) == 20
+    test = storage.read_table(storage.join(str(tmp_path / "capped"), "test")).to_pandas()
+    cats, _ = pre.transform(test)
+    column = pre.categorical_columns.index("user_agent")
+    hashed = cats[:, column] > 20
+    assert hashed.any() and (cats[:, column] < pre.cardinalities[column]).all()

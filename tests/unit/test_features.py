@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -70,3 +71,40 @@ def test_label_meaning_is_declared_per_dataset():
     for oracle in datasets.SYNTHETIC.oracle:
         assert oracle not in features.numeric_features(datasets.SYNTHETIC)
         assert oracle not in datasets.SYNTHETIC.categorical
+
+
+@pytest.fixture
+def hashed(pre) -> Preprocessor:
+    return Preprocessor.from_dict({**pre.to_dict(), "hash_buckets": {"app": 16}})
+
+
+def test_unseen_values_of_a_hashed_column_get_stable_bucket_ids(hashed):
+    frame = pd.DataFrame({"app": ["12", "999", "1000", None, "", "999"], "os": ["19", "7", "19", "19", "19", "19"],
+                          "ip_clicks_1h": [0.0] * 6, "hour_of_day": [0] * 6})
+    cats, _ = hashed.transform(frame)
+    # Vocabulary ids first, then 16 hashed ids after the 2 known values and the OOV id.
+    assert hashed.cardinalities == [3 + 16, 2]
+    assert cats[0, 0] == 2
+    assert cats[1, 0] == 3 + features.hash_bucket("999", 16) == cats[5, 0]
+    assert 3 <= cats[2, 0] < 19
+    assert cats[3, 0] == cats[4, 0] == OOV_INDEX
+    # The column without buckets still sends unseen values to the OOV id.
+    assert cats[1, 1] == OOV_INDEX
+    # CRC-32, not Python's per-process salted hash: the same id in every process.
+    assert features.hash_bucket("999", 16) == zlib.crc32(b"999") % 16
+
+
+def test_online_encoder_hashes_like_the_batch_preprocessor(hashed):
+    from jobs.online_features import InputEncoder
+
+    values = ["12", "3", "999", "abc", None, "77"]
+    frame = pd.DataFrame({"app": values, "os": ["19"] * 6, "ip_clicks_1h": [1.0] * 6, "hour_of_day": [3] * 6})
+    batch, _ = hashed.transform(frame)
+    online, _ = InputEncoder(hashed).encode({c: list(frame[c]) for c in frame.columns})
+    assert np.array_equal(batch, online)
+
+
+def test_preprocessors_written_before_hashing_load_without_buckets(pre):
+    payload = pre.to_dict()
+    del payload["hash_buckets"]
+    assert Preprocessor.from_dict(payload).hash_buckets == {}
