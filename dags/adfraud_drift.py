@@ -71,7 +71,7 @@ with DAG(
                              description="raw events (parquet layout of generate / ingest) to check"),
         "dataset": Param("synthetic", type="string", enum=["synthetic", "talkingdata"],
                          description="dataset spec of the events; its champion is the reference"),
-        "threshold": Param(0.3, type="number", exclusiveMinimum=0, maximum=1,
+        "threshold": Param(0.2, type="number", exclusiveMinimum=0, maximum=1,
                            description="share of drifted columns that asks for a retrain"),
         "min_rows": Param(500, type="integer", minimum=1, description="fewer events than this: no verdict"),
     },

@@ -4,7 +4,9 @@ Compares the model's input features of ``--current`` (one or more feature tables
 example the newest split, or every split of the newest events' features) with
 ``--reference`` (a training split) or, with ``--reference-model``, with the training
 split of that registered model's champion (its ``adfraud.data_uri`` tag + ``/train``),
-using Evidently's ``DataDriftPreset``. Writes the report as HTML and JSON, logs both to
+using Evidently's ``DataDriftPreset``. Compared are the inputs whose distribution does not
+depend on how much history preceded an event (:func:`jobs.common.features.drift_numeric`,
+the categorical ids) and, with a champion, its scores on both sides. Writes the report as HTML and JSON, logs both to
 MLflow and says whether the share of drifted columns passed ``--threshold``. With fewer
 than ``--min-rows`` rows on either side it reports ``insufficient_data``, and without a
 champion ``no_reference``; neither ever signals drift. Columns constant in both inputs
@@ -25,8 +27,15 @@ from jobs.common import cli, datasets, features, storage, tracking
 logger = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
+
+# Share of compared columns that must drift: 2 of the 9 compared on synthetic events.
+DEFAULT_THRESHOLD = 0.2
 STATUS_INSUFFICIENT = "insufficient_data"
 STATUS_NO_REFERENCE = "no_reference"
+
+# The champion's probability of the label, compared like an input when the reference is
+# a registered model: the drift a fraud model's users feel first.
+SCORE_COLUMN = "champion_score"
 
 # Categorical columns with more distinct values than this are compared by their
 # frequency ranks' coverage only (Evidently would build huge tables otherwise).
@@ -48,8 +57,8 @@ def load_features(uris: str | list[str], columns: list[str], sample_rows: int, s
     return frame.reset_index(drop=True)
 
 
-def champion_reference(model_name: str) -> tuple[str | None, int | None]:
-    """(training split URI, version) of ``model_name``'s champion; (None, None) without one."""
+def champion_reference(model_name: str) -> tuple[str | None, int | None, str | None]:
+    """(training split URI, version, run id) of ``model_name``'s champion; Nones without one."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -57,11 +66,26 @@ def champion_reference(model_name: str) -> tuple[str | None, int | None]:
     try:
         version = MlflowClient().get_model_version_by_alias(model_name, "champion")
     except MlflowException:
-        return None, None
+        return None, None, None
     data_uri = version.tags.get(tracking.TAG_DATA_URI)
     if not data_uri:
         raise ValueError(f"{model_name} champion v{version.version} has no {tracking.TAG_DATA_URI} tag")
-    return storage.join(data_uri, "train"), int(version.version)
+    return storage.join(data_uri, "train"), int(version.version), version.run_id
+
+
+def add_model_scores(run_id: str, frames: list[pd.DataFrame]) -> None:
+    """Add the champion's :data:`SCORE_COLUMN` to each frame (prediction drift)."""
+    import mlflow
+
+    from jobs.common.model import predict_proba
+    from jobs.evaluate import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=tmp)
+        net, pre = load_model(local)
+    for frame in frames:
+        cats, nums = pre.transform(frame)
+        frame[SCORE_COLUMN] = predict_proba(net, cats, nums).astype("float64")
 
 
 def no_signal(result: dict, status: str) -> dict:
@@ -86,7 +110,8 @@ def run(args) -> dict:
     from evidently.presets import DataDriftPreset
 
     spec = datasets.get(args.dataset)
-    numeric = features.numeric_features(spec)
+    inputs = features.numeric_features(spec)
+    numeric = features.drift_numeric(spec)
     categorical = list(spec.categorical)
     result: dict = {
         "dataset": spec.name,
@@ -96,12 +121,14 @@ def run(args) -> dict:
         "current_uri": args.current[0] if len(args.current) == 1 else args.current,
         "threshold": args.threshold,
         "min_rows": args.min_rows,
+        "history_dependent_columns": [c for c in inputs if c not in numeric],
     }
+    champion_run = None
 
     # The reference: given, or the champion's training split.
     reference_uri = args.reference
     if reference_uri is None:
-        reference_uri, result["reference_version"] = champion_reference(args.reference_model)
+        reference_uri, result["reference_version"], champion_run = champion_reference(args.reference_model)
         result["reference_uri"] = reference_uri
         if reference_uri is None:
             logger.warning("%s has no champion yet: nothing to compare the newest events with",
@@ -109,8 +136,8 @@ def run(args) -> dict:
             return no_signal({**result, "reference_rows": 0, "current_rows": None}, STATUS_NO_REFERENCE)
         logger.info("reference: %s champion v%s, %s", args.reference_model, result["reference_version"],
                     reference_uri)
-    reference = load_features(reference_uri, numeric + categorical, args.sample_rows, args.seed)
-    current = load_features(args.current, numeric + categorical, args.sample_rows, args.seed)
+    reference = load_features(reference_uri, inputs + categorical, args.sample_rows, args.seed)
+    current = load_features(args.current, inputs + categorical, args.sample_rows, args.seed)
     result.update(reference_rows=len(reference), current_rows=len(current))
 
     # Too little data: say so and never trigger.
@@ -119,9 +146,20 @@ def run(args) -> dict:
                        len(current), len(reference), args.min_rows)
         return no_signal(result, STATUS_INSUFFICIENT)
 
+    # The champion's scores on both sides, when there is a champion to score with.
+    if champion_run:
+        try:
+            add_model_scores(champion_run, [reference, current])
+        except KeyError as exc:  # a champion trained on other inputs: compare the inputs only
+            logger.warning("champion's scores left out of the drift check: %s", exc)
+        else:
+            numeric = [*numeric, SCORE_COLUMN]
+            logger.info("champion's mean score: reference %.4f, current %.4f", reference[SCORE_COLUMN].mean(),
+                        current[SCORE_COLUMN].mean())
+
     # Columns constant on both sides cannot drift and make some tests undefined.
     both = pd.concat([reference, current], ignore_index=True)
-    constant = [c for c in both.columns if both[c].nunique(dropna=False) <= 1]
+    constant = [c for c in numeric + categorical if c in both.columns and both[c].nunique(dropna=False) <= 1]
     high_card = [c for c in categorical if c in both.columns and both[c].nunique() > MAX_CATEGORICAL_CARDINALITY]
     num_cols = [c for c in numeric if c in both.columns and c not in constant]
     cat_cols = [c for c in categorical if c in both.columns and c not in constant and c not in high_card]
@@ -185,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="feature table URI(s) of the newest events; several are read as one table")
     p.add_argument("--dataset", required=True, choices=sorted(datasets.DATASETS), help="dataset spec")
     p.add_argument("--output", required=True, help="URI for drift_report.html and drift_report.json")
-    p.add_argument("--threshold", type=float, default=0.3, help="share of drifted columns that counts as drift")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="share of drifted columns that counts as drift")
     p.add_argument("--min-rows", type=int, default=500, help="fewer current rows than this: insufficient data")
     p.add_argument("--sample-rows", type=int, default=50_000, help="rows sampled from each side at most")
     p.add_argument("--seed", type=int, default=7, help="sampling seed")

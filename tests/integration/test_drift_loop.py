@@ -34,6 +34,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import REPO_ROOT
+from jobs import drift
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(45 * 60)]
 
@@ -351,7 +352,7 @@ def test_drift_loop_with_reviews_through_the_api(airflow):
     asset_events = af.api("GET", "/assets/events", params={"source_dag_id": "adfraud_drift"}).json()["asset_events"]
     assert len(asset_events) == 1, asset_events
     extra = asset_events[0]["extra"]
-    assert extra["drift_share"] >= 0.3 and extra["reference_version"] == 1
+    assert extra["drift_share"] >= drift.DEFAULT_THRESHOLD and extra["reference_version"] == 1
     assert Path(extra["report_uri"]).stat().st_size > 10_000
     af.timings["drift check"] = time.monotonic() - started
 

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 SPEC = datasets.get("synthetic")
 NUMERIC = features.numeric_features(SPEC)
+# What the check compares: inputs whose distribution does not depend on history length.
+MONITORED = features.drift_numeric(SPEC)
+HISTORY_DEPENDENT = [c for c in NUMERIC if c not in MONITORED]
 CATEGORICAL = list(SPEC.categorical)
 CAMPAIGNS = [f"cmp-{i:04d}" for i in range(8)]
 
@@ -86,12 +89,16 @@ def test_too_few_reference_rows_is_insufficient_data(store, tmp_path):
     assert result["status"] == drift.STATUS_INSUFFICIENT and result["drift_detected"] is False
 
 
-def test_same_distribution_does_not_drift(store, tmp_path, reference):
-    current = write(feature_table(800, seed=2), tmp_path / "current")
+def test_same_distribution_does_not_drift(store, tmp_path):
+    """Batches of a realistic size (over 1,000 rows: Evidently's distance tests, not
+    p-values, which flag 5% of identical columns by chance)."""
+    reference = write(feature_table(2_000, seed=1), tmp_path / "reference")
+    current = write(feature_table(2_000, seed=2), tmp_path / "current")
     result = run_drift(tmp_path, "--reference", reference, "--current", current)
     assert result["status"] == drift.STATUS_OK
-    assert result["columns_tested"] == len(NUMERIC) + len(CATEGORICAL)
-    assert result["drift_share"] < 0.3 and result["drift_detected"] is False
+    assert result["columns_tested"] == len(MONITORED) + len(CATEGORICAL)
+    assert result["history_dependent_columns"] == HISTORY_DEPENDENT
+    assert result["drift_share"] < drift.DEFAULT_THRESHOLD and result["drift_detected"] is False
     assert (tmp_path / "report" / "drift_report.html").stat().st_size > 10_000
 
 
@@ -102,7 +109,7 @@ def test_shifted_features_drift_and_reports_go_to_mlflow(store, tmp_path, refere
     result = run_drift(tmp_path, "--reference", reference, "--current", current, "--threshold", "0.5")
     assert result["drift_detected"] is True
     # Every numeric column moved and the campaign mix changed.
-    assert result["drifted_columns"] >= len(NUMERIC) + 1
+    assert result["drifted_columns"] >= len(MONITORED) + 1
     assert result["drift_share"] == pytest.approx(result["drifted_columns"] / result["columns_tested"])
     json_report = json.loads((tmp_path / "report" / "drift_report.json").read_text())
     assert drift.drift_share(json_report)[1] == pytest.approx(result["drift_share"])
@@ -118,8 +125,8 @@ def test_constant_columns_are_left_out_and_the_share_stays_defined(store, tmp_pa
     cur = write(feature_table(800, seed=2, constant=constant), tmp_path / "current")
     result = run_drift(tmp_path, "--reference", ref, "--current", cur)
     assert sorted(result["constant_columns"]) == sorted(constant)
-    assert result["columns_tested"] == len(NUMERIC) + len(CATEGORICAL) - len(constant)
-    assert math.isfinite(result["drift_share"]) and 0.0 <= result["drift_share"] < 0.3
+    assert result["columns_tested"] == len(MONITORED) + len(CATEGORICAL) - len(constant)
+    assert math.isfinite(result["drift_share"]) and 0.0 <= result["drift_share"] < drift.DEFAULT_THRESHOLD
 
 
 def test_every_column_constant_gives_share_zero_without_a_report(store, tmp_path):
@@ -129,7 +136,7 @@ def test_every_column_constant_gives_share_zero_without_a_report(store, tmp_path
     result = run_drift(tmp_path, "--reference", ref, "--current", cur)
     assert result["status"] == drift.STATUS_OK
     assert result["drift_share"] == 0.0 and result["columns_tested"] == 0 and result["drift_detected"] is False
-    assert len(result["constant_columns"]) == len(NUMERIC) + len(CATEGORICAL)
+    assert len(result["constant_columns"]) == len(MONITORED) + len(CATEGORICAL)
 
 
 def test_a_column_constant_on_each_side_at_different_values_drifts(store, tmp_path):
@@ -181,3 +188,61 @@ def test_threshold_outside_the_unit_interval_is_refused(store, tmp_path, referen
                     "--output", str(tmp_path / "out"), "--threshold", "1.5"])
     assert info.value.code == 2
     assert "--threshold must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_history_dependent_features_do_not_count_as_drift(store, tmp_path):
+    """Gaps, distinct counts so far and day windows restart with a batch's history: moving
+    only them, by a lot, is no drift."""
+    reference = write(feature_table(2_000, seed=1), tmp_path / "reference")
+    current = feature_table(2_000, seed=2)
+    for name in HISTORY_DEPENDENT:
+        current[name] = current[name] * 50.0
+    result = run_drift(tmp_path, "--reference", reference, "--current", write(current, tmp_path / "current"))
+    assert {"ip_secs_since_prev", "ip_distinct_apps", "ip_clicks_1d"} <= set(HISTORY_DEPENDENT)
+    assert result["drifted_columns"] == 0 and result["drift_detected"] is False
+
+
+def register_scoring_champion(tmp_path, name: str, features_uri) -> None:
+    """A registered champion whose run holds a model that scores the toy feature tables."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from jobs.common import tracking
+    from jobs.common.features import Preprocessor
+    from jobs.common.model import FraudNet, ModelConfig, save_checkpoint
+
+    reference = feature_table(800, seed=1)
+    pre = Preprocessor(
+        dataset="synthetic",
+        categorical={c: sorted(reference[c].astype(str).unique()) for c in CATEGORICAL},
+        numeric={c: {"mean": 1.0, "std": 1.0} for c in NUMERIC},
+        feature_spec_hash=features.feature_spec_hash(SPEC),
+    )
+    import torch
+
+    torch.manual_seed(0)
+    net = FraudNet(ModelConfig(pre.cardinalities, len(NUMERIC), hidden=[8])).eval()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    save_checkpoint(net, str(model_dir / "model.pt"))
+    (model_dir / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
+    tracking.configure()
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    client = MlflowClient()
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id,
+                                          tags={tracking.TAG_DATA_URI: str(features_uri)})
+    client.set_registered_model_alias(name, "champion", version.version)
+
+
+def test_the_champions_scores_are_compared_too(store, tmp_path):
+    features_uri = tmp_path / "features"
+    write(feature_table(800, seed=1), features_uri / "train")
+    register_scoring_champion(tmp_path, "adfraud-drift-scores", features_uri)
+    current = write(feature_table(800, seed=2, shift=1.0), tmp_path / "current")
+    result = run_drift(tmp_path, "--reference-model", "adfraud-drift-scores", "--current", current)
+    assert result["columns_tested"] == len(MONITORED) + len(CATEGORICAL) + 1
+    report = json.loads((tmp_path / "report" / "drift_report.json").read_text())
+    compared = {m["config"].get("column") for m in report["metrics"]}
+    assert drift.SCORE_COLUMN in compared
