@@ -6,7 +6,8 @@ example the newest split, or every split of the newest events' features) with
 split of that registered model's champion (its ``adfraud.data_uri`` tag + ``/train``),
 using Evidently's ``DataDriftPreset``. Compared are the inputs whose distribution does not
 depend on how much history preceded an event (:func:`jobs.common.features.drift_numeric`,
-the categorical ids) and, with a champion, its scores on both sides. Writes the report as HTML and JSON, logs both to
+the categorical ids). The champion's scores are not compared: they depend on the
+history-dependent inputs too, so a batch featurized on its own would shift them. Writes the report as HTML and JSON, logs both to
 MLflow and says whether the share of drifted columns passed ``--threshold``. With fewer
 than ``--min-rows`` rows on either side it reports ``insufficient_data``, and without a
 champion ``no_reference``; neither ever signals drift. Columns constant in both inputs
@@ -32,10 +33,6 @@ STATUS_OK = "ok"
 DEFAULT_THRESHOLD = 0.2
 STATUS_INSUFFICIENT = "insufficient_data"
 STATUS_NO_REFERENCE = "no_reference"
-
-# The champion's probability of the label, compared like an input when the reference is
-# a registered model: the drift a fraud model's users feel first.
-SCORE_COLUMN = "champion_score"
 
 # Categorical columns with more distinct values than this are compared by their
 # frequency ranks' coverage only (Evidently would build huge tables otherwise).
@@ -73,21 +70,6 @@ def champion_reference(model_name: str) -> tuple[str | None, int | None, str | N
     return storage.join(data_uri, "train"), int(version.version), version.run_id
 
 
-def add_model_scores(run_id: str, frames: list[pd.DataFrame]) -> None:
-    """Add the champion's :data:`SCORE_COLUMN` to each frame (prediction drift)."""
-    import mlflow
-
-    from jobs.common.model import predict_proba
-    from jobs.evaluate import load_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model", dst_path=tmp)
-        net, pre = load_model(local)
-    for frame in frames:
-        cats, nums = pre.transform(frame)
-        frame[SCORE_COLUMN] = predict_proba(net, cats, nums).astype("float64")
-
-
 def no_signal(result: dict, status: str) -> dict:
     """A result that never triggers a retrain."""
     return {**result, "status": status, "drift_detected": False, "drift_share": None,
@@ -123,12 +105,11 @@ def run(args) -> dict:
         "min_rows": args.min_rows,
         "history_dependent_columns": [c for c in inputs if c not in numeric],
     }
-    champion_run = None
 
     # The reference: given, or the champion's training split.
     reference_uri = args.reference
     if reference_uri is None:
-        reference_uri, result["reference_version"], champion_run = champion_reference(args.reference_model)
+        reference_uri, result["reference_version"], _ = champion_reference(args.reference_model)
         result["reference_uri"] = reference_uri
         if reference_uri is None:
             logger.warning("%s has no champion yet: nothing to compare the newest events with",
@@ -145,17 +126,6 @@ def run(args) -> dict:
         logger.warning("insufficient data for drift: %d current, %d reference rows (need %d)",
                        len(current), len(reference), args.min_rows)
         return no_signal(result, STATUS_INSUFFICIENT)
-
-    # The champion's scores on both sides, when there is a champion to score with.
-    if champion_run:
-        try:
-            add_model_scores(champion_run, [reference, current])
-        except KeyError as exc:  # a champion trained on other inputs: compare the inputs only
-            logger.warning("champion's scores left out of the drift check: %s", exc)
-        else:
-            numeric = [*numeric, SCORE_COLUMN]
-            logger.info("champion's mean score: reference %.4f, current %.4f", reference[SCORE_COLUMN].mean(),
-                        current[SCORE_COLUMN].mean())
 
     # Columns constant on both sides cannot drift and make some tests undefined.
     both = pd.concat([reference, current], ignore_index=True)

@@ -98,7 +98,8 @@ def fit_preprocessor(train, spec: DatasetSpec):
 
     vocab: dict[str, list[str]] = {}
     buckets: dict[str, int] = {}
-    distinct = train.agg(*[F.countDistinct(c).alias(c) for c in spec.categorical]).collect()[0]
+    # Approximate (HyperLogLog++, deterministic for the same data): only the cap is compared.
+    distinct = train.agg(*[F.approx_count_distinct(c).alias(c) for c in spec.categorical]).collect()[0]
     for column in spec.categorical:
         if distinct[column] > features.MAX_VOCAB_SIZE:
             buckets[column] = features.HASH_BUCKETS

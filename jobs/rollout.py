@@ -74,6 +74,9 @@ def run(args) -> dict:
     # The blocking threshold that evaluate chose on validation (on the fraud score).
     run_metrics = client.get_run(version.run_id).data.metrics
     threshold = run_metrics.get(THRESHOLD_METRIC)
+    if threshold is not None:
+        # "Block nothing" is chosen as a threshold just above 1; servers accept [0, 1].
+        threshold = min(max(float(threshold), 0.0), 1.0)
     if threshold is None:
         logger.warning("%s v%s has no %s metric: servers fall back to their own threshold", args.model_name,
                        version.version, THRESHOLD_METRIC)

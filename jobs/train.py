@@ -81,7 +81,8 @@ def resolve_config(args) -> TrainConfig:
             payload[key] = value
     if args.smoke_test:
         payload["epochs"] = min(int(payload.get("epochs", 2)), 2)
-        payload["members"] = 1
+        if args.members is None:
+            payload["members"] = 1
     return TrainConfig.from_dict(payload)
 
 

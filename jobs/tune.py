@@ -47,8 +47,8 @@ def search_space(seed: int) -> dict:
 
 
 def starting_point(space: dict) -> dict:
-    """The training defaults, for the searched keys: the first trial, so the search
-    returns nothing worse on validation than an untuned run."""
+    """The training defaults, for the searched keys: the first trial, so the best trial is
+    never worse on validation than the defaults under the same trial budget."""
     defaults = TrainConfig().to_dict()
     defaults["hidden"] = ",".join(str(h) for h in defaults["hidden"])
     return {key: defaults[key] for key in space if key in defaults and key != "seed"}

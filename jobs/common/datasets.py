@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
@@ -117,6 +118,9 @@ class DatasetSpec:
 
 # Segment derived from the spec's user-agent column (synthetic events).
 DEVICE_CLASS = "device_class"
+# "bot" as a crawler's name ends ("Googlebot/2.1", "bingbot)"), not inside a phone's
+# model name ("CUBOT P40").
+_BOT = re.compile(r"bot(?:[/;)]|$)|\bbot\b")
 
 
 def device_class(user_agent: str | None) -> str:
@@ -125,8 +129,8 @@ def device_class(user_agent: str | None) -> str:
     ua = (user_agent or "").lower()
     if not ua:
         return "unknown"
-    if any(k in ua for k in ("okhttp", "curl", "python", "java/", "go-http", "wget", "headless", "bot", "spider",
-                             "crawler", "phantomjs", "selenium")):
+    if any(k in ua for k in ("okhttp", "curl", "python", "java/", "go-http", "wget", "headless", "spider",
+                             "crawler", "phantomjs", "selenium")) or _BOT.search(ua):
         return "automation"
     if "ipad" in ua or ("android" in ua and "mobile" not in ua) or "tablet" in ua:
         return "tablet"

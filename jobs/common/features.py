@@ -112,6 +112,9 @@ def feature_spec_hash(spec: DatasetSpec) -> str:
             "distinct": DISTINCT_FEATURES,
             "calendar": CALENDAR_FEATURES,
             "no_previous_click_s": NO_PREVIOUS_CLICK_S,
+            # How ids are assigned: a server with another scheme must not pass the check.
+            "vocabulary": {"max_size": MAX_VOCAB_SIZE, "min_count": MIN_VOCAB_COUNT, "hash": "crc32",
+                           "hash_buckets": HASH_BUCKETS},
         },
         sort_keys=True,
     ).encode()

@@ -124,7 +124,8 @@ class FraudNet(nn.Module):
             return None
         label = label.astype(np.float64)
         prior = float(label.mean())
-        fold = np.random.default_rng(seed).integers(0, folds, len(label))
+        # A stream of its own: the same seed may have drawn the data or the batch order.
+        fold = np.random.default_rng((seed, _FOLD_STREAM)).integers(0, folds, len(label))
         # The prior of a fold's rows comes from the other folds too: no row's label reaches it.
         fold_rows = np.bincount(fold, minlength=folds)
         fold_positives = np.bincount(fold, weights=label, minlength=folds)
@@ -133,6 +134,8 @@ class FraudNet(nn.Module):
         out_of_fold = np.empty(categorical.shape, dtype=np.float32)
         for j, (k, offset) in enumerate(zip(self.config.cardinalities, _offsets(self.config.cardinalities))):
             ids = categorical[:, j]
+            if len(ids) and (ids.min() < 0 or ids.max() >= k):
+                raise ValueError(f"categorical column {j}: ids span {ids.min()}..{ids.max()}, the table has {k}")
             positives = np.bincount(ids, weights=label, minlength=k)
             counts = np.bincount(ids, minlength=k).astype(np.float64)
             table[offset : offset + k] = smoothed_log_odds(positives, counts, prior, self.config.target_smoothing)
@@ -145,9 +148,17 @@ class FraudNet(nn.Module):
                 out_of_fold[held, j] = other[ids[held]]
         mean, std = out_of_fold.mean(axis=0), out_of_fold.std(axis=0)
         self.te_table.copy_(torch.from_numpy(table).float())
-        self.te_scale.copy_(torch.from_numpy(np.stack([mean, np.where(std > 1e-6, std, 1.0)])).float())
+        # A floor on the scale: a column whose encodings barely vary (one id) would
+        # otherwise have its fold-to-fold noise blown up to unit variance.
+        self.te_scale.copy_(torch.from_numpy(np.stack([mean, np.maximum(std, _MIN_TE_STD)])).float())
         return out_of_fold
 
+
+# Distinguishes the target-encoding folds' random stream from other uses of a seed.
+_FOLD_STREAM = 0x7E
+
+# Smallest scale of a standardized target encoding, in log-odds.
+_MIN_TE_STD = 0.25
 
 # Lower edge of an unused bin: above any standardized input, so its encoding stays 0.
 _UNUSED_BIN = 1e9

@@ -253,6 +253,10 @@ def fit(
     positives = float(train.label.sum())
     if positives == 0:
         raise ValueError("the training split has no positive labels")
+    val_positives = int(validation.label.sum())
+    if not 0 < val_positives < len(validation):
+        raise ValueError(f"the validation split ({len(validation)} rows, {val_positives} positive) needs both "
+                         "labels: early stopping ranks it")
     nets, summaries = [], []
     for member in range(config.members):
         member_config = replace(config, seed=config.seed + member)
@@ -293,7 +297,7 @@ def fit(
     if backend.rank == 0:
         logger.info("ensemble of %d: val AUC %.4f, val PR-AUC %.4f (members' AUC %s)", config.members,
                     summary["best_val_auc"], summary["best_val_pr_auc"],
-                    ", ".join(f"{a:.4f}" for a in summary["member_val_auc"]))
+                    ", ".join(f"{a:.4f}" if a is not None else "n/a" for a in summary["member_val_auc"]))
     return ensemble, summary
 
 

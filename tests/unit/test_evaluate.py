@@ -17,6 +17,8 @@ USER_AGENTS = [
     ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0 Safari/537.36", "desktop"),
     ("Mozilla/5.0 (X11; Linux i686; rv:1.9.6.20) Gecko/20100101 Firefox/3.6.18", "desktop"),
     ("okhttp/4.24.5", "automation"),
+    ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "automation"),
+    ("Mozilla/5.0 (Linux; Android 10; CUBOT P40) AppleWebKit/537.36 Chrome/96.0 Mobile Safari/537.36", "mobile"),
     ("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 HeadlessChrome/120.0 Safari/537.36", "automation"),
     ("", "unknown"),
     (None, "unknown"),

@@ -118,8 +118,12 @@ def test_ensemble_is_the_mean_of_its_members_logits(tmp_path):
     ensemble = FraudEnsemble(members).eval()
     c, n = torch.from_numpy(cats[:64]), torch.from_numpy(nums[:64])
     with torch.no_grad():
-        expected = torch.stack([m(c, n) for m in members]).mean(dim=0)
-        assert torch.allclose(ensemble(c, n), expected)
+        logits = torch.stack([m(c, n) for m in members])
+        out = ensemble(c, n)
+    # Members differ, and the ensemble sits inside their spread, at their mean.
+    assert not torch.allclose(logits[0], logits[1])
+    assert torch.all(out >= logits.min(dim=0).values) and torch.all(out <= logits.max(dim=0).values)
+    assert torch.allclose(out * 3, logits.sum(dim=0), atol=1e-5)
 
     # Checkpoints round-trip, members included.
     save_checkpoint(ensemble, str(tmp_path / "model.pt"), extra={"k": 1})
@@ -144,12 +148,48 @@ def test_onnx_graph_of_an_encoded_ensemble_matches_pytorch(tmp_path):
     from jobs.export import export_onnx, onnx_parity
 
     cats, nums, label = toy_split()
-    members = [net(), net(numeric_bins=4)]
-    for i, member in enumerate(members):
+    members = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # different weights: the mean is not of clones
+        member = FraudNet(ModelConfig(CARDINALITIES, 2, hidden=[8], target_encoding=True, numeric_bins=4)).eval()
         member.fit_encodings(cats, nums, label, seed=i)
+        members.append(member)
     ensemble = FraudEnsemble(members).eval()
     path = str(tmp_path / "model.onnx")
     export_onnx(ensemble, len(CARDINALITIES), 2, path)
     parity = onnx_parity(path, ensemble, cats[:500], nums[:500])
     assert parity["rows"] == 500
     assert parity["max_abs_diff"] < 1e-5
+
+
+def test_an_id_outside_its_table_is_a_clear_error():
+    cats, nums, label = toy_split()
+    cats[5, 1] = CARDINALITIES[1]  # one past the last id of column 1
+    with pytest.raises(ValueError, match="categorical column 1: ids span 0..3, the table has 3"):
+        net().fit_encodings(cats, nums, label)
+
+
+def test_a_single_id_column_gets_no_fold_noise_blown_up():
+    """Out-of-fold priors differ a little by fold; a column with one id must not turn that
+    into a unit-variance fold marker."""
+    cats, nums, label = toy_split()
+    cats[:, 1] = 0
+    model = net()
+    out_of_fold = model.fit_encodings(cats, nums, label)
+    standardized = (out_of_fold[:, 1] - float(model.te_scale[0, 1])) / float(model.te_scale[1, 1])
+    assert np.abs(standardized).max() < 0.5
+
+
+def test_training_refuses_a_validation_split_without_both_labels():
+    from jobs.common.features import Preprocessor
+    from jobs.common.training import SplitArrays, TrainConfig, fit
+
+    cats, nums, label = toy_split()
+    pre = Preprocessor(dataset="synthetic", categorical={"a": ["x", "y", "z"], "b": ["u", "v"]},
+                       numeric={"n1": {"mean": 0.0, "std": 1.0}, "n2": {"mean": 0.0, "std": 1.0}},
+                       feature_spec_hash="test")
+    train = SplitArrays(cats, nums, label)
+    negatives = label == 0
+    validation = SplitArrays(cats[negatives][:100], nums[negatives][:100], label[negatives][:100])
+    with pytest.raises(ValueError, match=r"validation split \(100 rows, 0 positive\) needs both labels"):
+        fit(TrainConfig(members=2, epochs=1), pre, train, validation, num_threads=1)
