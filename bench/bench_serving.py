@@ -50,6 +50,7 @@ def build_model(root: Path) -> Path:
     from jobs.common.features import Preprocessor
     from jobs.common.model import FraudNet, ModelConfig, save_checkpoint
     from jobs.export import export_onnx
+    from jobs.rollout import serving_config
 
     spec = TALKINGDATA
     categorical = {c: [str(i) for i in range(VOCAB[c])] for c in features.categorical_features(spec)}
@@ -60,15 +61,7 @@ def build_model(root: Path) -> Path:
     export_onnx(net, len(categorical), len(numeric), str(root / "model.onnx"))
     save_checkpoint(net, str(root / "model.pt"))
     (root / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
-    config = {
-        "model_name": "adfraud-talkingdata-bench",
-        "version": 1,
-        "dataset": spec.name,
-        "onnx_uri": str(root / "model.onnx"),
-        "preprocessor_uri": str(root / "preprocessor.json"),
-        "checkpoint_uri": str(root / "model.pt"),
-        "feature_spec_hash": pre.feature_spec_hash,
-    }
+    config = serving_config("adfraud-talkingdata-bench", 1, pre, str(root), checkpoint_uri=str(root / "model.pt"))
     path = root / "config.json"
     path.write_text(json.dumps(config))
     return path

@@ -54,8 +54,8 @@ def load_features(uris: str | list[str], columns: list[str], sample_rows: int, s
     return frame.reset_index(drop=True)
 
 
-def champion_reference(model_name: str) -> tuple[str | None, int | None, str | None]:
-    """(training split URI, version, run id) of ``model_name``'s champion; Nones without one."""
+def champion_reference(model_name: str) -> tuple[str | None, int | None]:
+    """(training split URI, version) of ``model_name``'s champion; (None, None) without one."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -63,11 +63,11 @@ def champion_reference(model_name: str) -> tuple[str | None, int | None, str | N
     try:
         version = MlflowClient().get_model_version_by_alias(model_name, "champion")
     except MlflowException:
-        return None, None, None
+        return None, None
     data_uri = version.tags.get(tracking.TAG_DATA_URI)
     if not data_uri:
         raise ValueError(f"{model_name} champion v{version.version} has no {tracking.TAG_DATA_URI} tag")
-    return storage.join(data_uri, "train"), int(version.version), version.run_id
+    return storage.join(data_uri, "train"), int(version.version)
 
 
 def no_signal(result: dict, status: str) -> dict:
@@ -109,7 +109,7 @@ def run(args) -> dict:
     # The reference: given, or the champion's training split.
     reference_uri = args.reference
     if reference_uri is None:
-        reference_uri, result["reference_version"], _ = champion_reference(args.reference_model)
+        reference_uri, result["reference_version"] = champion_reference(args.reference_model)
         result["reference_uri"] = reference_uri
         if reference_uri is None:
             logger.warning("%s has no champion yet: nothing to compare the newest events with",

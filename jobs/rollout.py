@@ -30,6 +30,21 @@ def serving_config_uri() -> str:
     return os.environ.get(settings.SERVING_CONFIG_ENV_VAR) or storage.join(settings.home(), "serving", "current.json")
 
 
+def serving_config(model_name: str, version: int, pre: Preprocessor, store: str, **extra) -> dict:
+    """The serving configuration (the format ``jobs.serve`` reads) of a model whose
+    ``model.onnx`` and ``preprocessor.json`` lie under ``store``; ``extra`` adds optional
+    keys (alias, threshold, tensorrt_uri, checkpoint_uri, provenance)."""
+    return {
+        "model_name": model_name,
+        "version": int(version),
+        "dataset": pre.dataset,
+        "onnx_uri": storage.join(store, "model.onnx"),
+        "preprocessor_uri": storage.join(store, "preprocessor.json"),
+        "feature_spec_hash": pre.feature_spec_hash,
+        **extra,
+    }
+
+
 def smoke_score(onnx_path: str, pre: Preprocessor, features_uri: str, rows: int) -> list[float]:
     """Scores of the first ``rows`` test events; fails unless all are probabilities."""
     import onnxruntime as ort
@@ -85,20 +100,15 @@ def run(args) -> dict:
 
     # Switch the serving configuration in one atomic write.
     config_uri = args.serving_config or serving_config_uri()
-    config = {
-        "model_name": args.model_name,
-        "version": int(version.version),
-        "alias": args.alias,
-        "dataset": pre.dataset,
-        "onnx_uri": storage.join(store, "model.onnx"),
-        "preprocessor_uri": storage.join(store, "preprocessor.json"),
-        "feature_spec_hash": pre.feature_spec_hash,
-        "threshold": threshold,
-        "tensorrt_uri": storage.join(store, "model.plan") if engines else None,
-        "mlflow_run_id": version.run_id,
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dag_run_id": args.run_id,
-    }
+    config = serving_config(
+        args.model_name, int(version.version), pre, store,
+        alias=args.alias,
+        threshold=threshold,
+        tensorrt_uri=storage.join(store, "model.plan") if engines else None,
+        mlflow_run_id=version.run_id,
+        updated_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        dag_run_id=args.run_id,
+    )
     storage.write_json(config_uri, config)
     client.set_model_version_tag(args.model_name, version.version, "adfraud.live_since", config["updated_at"])
     logger.info("serving now points at %s v%s (%s)", args.model_name, version.version, config_uri)

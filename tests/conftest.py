@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "talkingdata"
 TALKINGDATA_SAMPLE = SHARED_DATA / "train_sample.csv"
 TALKINGDATA_RESAVED = SHARED_DATA / "train_sample_resaved.csv"
+
+# Upper bound on one stage process started by a test (generate, ETL, a training run).
+STAGE_TIMEOUT_S = 600
 
 # The DAG imports the runtime switch the way Airflow does: plugins/ on sys.path.
 if str(REPO_ROOT / "plugins") not in sys.path:
@@ -35,3 +39,9 @@ def stage_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SPARK_LOCAL_IP", "127.0.0.1")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
     return home
+
+
+def run_stage(module: str, *args: str, result: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> <args> --result-path <result>`` from the repository root."""
+    cmd = [sys.executable, "-m", module, *args, "--result-path", str(result)]
+    return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)

@@ -132,7 +132,7 @@ class FraudNet(nn.Module):
         fold_prior = (label.sum() - fold_positives) / np.maximum(len(label) - fold_rows, 1)
         table = np.empty(sum(self.config.cardinalities))
         out_of_fold = np.empty(categorical.shape, dtype=np.float32)
-        for j, (k, offset) in enumerate(zip(self.config.cardinalities, _offsets(self.config.cardinalities))):
+        for j, (k, offset) in enumerate(zip(self.config.cardinalities, _offsets(self.config.cardinalities), strict=True)):
             ids = categorical[:, j]
             if len(ids) and (ids.min() < 0 or ids.max() >= k):
                 raise ValueError(f"categorical column {j}: ids span {ids.min()}..{ids.max()}, the table has {k}")

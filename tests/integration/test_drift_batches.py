@@ -8,25 +8,21 @@ featurized on its own as the drift DAG does, and compared by ``jobs.drift``.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from jobs import drift
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_stage
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-STAGE_TIMEOUT_S = 600
 # The same traffic rate on both sides: per-IP window counts scale with it.
 EVENTS_PER_DAY = 10_000
 
 
 def stage(tmp_path, module: str, *args: str) -> dict:
     result = tmp_path / f"{module}.json"
-    proc = subprocess.run([sys.executable, "-m", module, *args, "--result-path", str(result)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=STAGE_TIMEOUT_S)
+    proc = run_stage(module, *args, result=result)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(result.read_text())
 

@@ -33,8 +33,8 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import REPO_ROOT
 from jobs import drift
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(45 * 60)]
 

@@ -56,6 +56,7 @@ def make_model(root: Path, spec: DatasetSpec, version: int, seed: int) -> Path:
 
     from jobs.common.model import FraudNet, ModelConfig, save_checkpoint
     from jobs.export import export_onnx
+    from jobs.rollout import serving_config
 
     root.mkdir(parents=True, exist_ok=True)
     categorical = {
@@ -71,16 +72,8 @@ def make_model(root: Path, spec: DatasetSpec, version: int, seed: int) -> Path:
     export_onnx(net, len(categorical), len(numeric), str(root / "model.onnx"))
     save_checkpoint(net, str(root / "model.pt"))
     (root / "preprocessor.json").write_text(json.dumps(pre.to_dict()))
-    config = {
-        "model_name": f"adfraud-{spec.name}",
-        "version": version,
-        "alias": "champion",
-        "dataset": spec.name,
-        "onnx_uri": str(root / "model.onnx"),
-        "preprocessor_uri": str(root / "preprocessor.json"),
-        "checkpoint_uri": str(root / "model.pt"),
-        "feature_spec_hash": pre.feature_spec_hash,
-    }
+    config = serving_config(f"adfraud-{spec.name}", version, pre, str(root), alias="champion",
+                            checkpoint_uri=str(root / "model.pt"))
     path = root / "config.json"
     path.write_text(json.dumps(config))
     return path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +28,6 @@ AUC_TOLERANCE = 0.01
 # Two ensemble members: the second starts a new DDP model / Horovod optimizer in the same
 # process group, as production runs do.
 TRAIN_FLAGS = ["--workers", "2", "--epochs", "3", "--patience", "3", "--members", "2", "--seed", "7"]
-# Upper bound on one stage process (generate, ETL or a two-worker training run).
-STAGE_TIMEOUT_S = 600
-
-
-def run_stage(module: str, *args: str, result: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run ``python -m <module> <args> --result-path <result>`` from the repository root."""
-    cmd = [sys.executable, "-m", module, *args, "--result-path", str(result)]
-    return subprocess.run(
-        cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=STAGE_TIMEOUT_S
-    )
 
 
 def check(proc: subprocess.CompletedProcess) -> None:

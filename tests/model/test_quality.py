@@ -9,30 +9,26 @@ the means are compared, as ``bench/bench_quality.py`` reports them.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import run_stage
 
 pytestmark = [pytest.mark.slow]
 
 SEEDS = (7, 17, 27, 37, 47)
-STAGE_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="module")
 def talkingdata_features(tmp_path_factory, talkingdata_sample) -> str:
     """The sample through ingest and the Spark ETL, once for the module."""
     tmp = tmp_path_factory.mktemp("quality")
-    env_args = {"cwd": REPO_ROOT, "capture_output": True, "text": True, "timeout": STAGE_TIMEOUT_S}
     for cmd in (
         ["jobs.ingest", "--input", str(talkingdata_sample), "--output", str(tmp / "raw")],
         ["jobs.etl", "--input", str(tmp / "raw"), "--output", str(tmp / "features"), "--dataset", "talkingdata"],
     ):
-        proc = subprocess.run([sys.executable, "-m", *cmd, "--result-path", str(tmp / "r.json")], **env_args)
+        proc = run_stage(*cmd, result=tmp / "r.json")
         assert proc.returncode == 0, proc.stderr[-3000:]
     return str(tmp / "features")
 
