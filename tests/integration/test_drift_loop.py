@@ -81,6 +81,13 @@ class Airflow:
 
     def api(self, method: str, path: str, expect: int | tuple[int, ...] = 200, **kwargs):
         response = self.http.request(method, f"{self.url}/api/v2{path}", **kwargs)
+        # NOTE: a read can fail with 500 while the scheduler holds the SQLite database
+        # (seen once on GET /assets/events); reads are retried, writes never.
+        for _ in range(3):
+            if method != "GET" or response.status_code < 500:
+                break
+            time.sleep(2)
+            response = self.http.request(method, f"{self.url}/api/v2{path}", **kwargs)
         expected = (expect,) if isinstance(expect, int) else expect
         assert response.status_code in expected, f"{method} {path}: {response.status_code} {response.text[:2000]}"
         return response
