@@ -28,6 +28,8 @@ from jobs.common.training import (
     load_split,
 )
 
+DEFAULTS = TrainConfig()
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "horovod")
@@ -49,18 +51,22 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (overrides --params)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (overrides --params)")
     p.add_argument("--dropout", type=float, default=None, help="dropout (overrides --params)")
-    p.add_argument("--hidden", default=None, help="hidden sizes, comma separated, e.g. 128,64 (overrides --params)")
+    p.add_argument("--hidden", default=None, help="hidden sizes, comma separated, e.g. 256,128 (overrides --params)")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
     p.add_argument("--pos-weight", type=float, default=None,
                    help="loss weight of label-1 rows; 0 = negatives / positives (overrides --params)")
     p.add_argument("--members", type=int, default=None,
-                   help="networks in the deep ensemble, each with its own seed (default: 3)")
+                   help=f"networks in the deep ensemble, each with its own seed (default: {DEFAULTS.members})")
     p.add_argument("--numeric-bins", type=int, default=None,
-                   help="quantile bins of the piecewise-linear numeric encoding; 0 = off (default: 8)")
+                   help="quantile bins of the piecewise-linear numeric encoding; 0 = off "
+                        f"(default: {DEFAULTS.numeric_bins})")
     p.add_argument("--target-smoothing", type=float, default=None,
-                   help="prior pseudo-count of the per-id target statistics (default: 100)")
+                   help=f"prior pseudo-count of the per-id target statistics (default: {DEFAULTS.target_smoothing:g})")
     p.add_argument("--no-target-encoding", dest="target_encoding", action="store_const", const=False,
                    default=None, help="leave out the per-id target statistics")
+    p.add_argument("--target-pairs", dest="target_pairs", action="store_const", const=True, default=None,
+                   help="also target-encode every pair of categorical columns (off by default: no gain on "
+                        "the TalkingData sample)")
     p.add_argument("--seed", type=int, default=None, help="seed for weights and batch order")
     p.add_argument("--run-id", default="manual", help="orchestrator run id, recorded as an MLflow tag")
     p.add_argument("--smoke-test", action="store_true", help="two epochs, for quick checks")
@@ -74,7 +80,7 @@ def resolve_config(args) -> TrainConfig:
         loaded = storage.read_json(args.params)
         payload.update(loaded.get("config", loaded))
     keys = ("epochs", "lr", "batch_size", "weight_decay", "dropout", "hidden", "patience", "pos_weight", "members",
-            "numeric_bins", "target_smoothing", "target_encoding", "seed")
+            "numeric_bins", "target_smoothing", "target_encoding", "target_pairs", "seed")
     for key in keys:
         value = getattr(args, key)
         if value is not None:

@@ -1,7 +1,10 @@
 """Hyper-parameter search with Ray Tune and the ASHA scheduler.
 
 Each trial runs the same training loop as ``train`` (one process, no gradient sync) and
-reports validation PR-AUC after every epoch; ASHA stops the weak trials early. Trial
+reports validation PR-AUC after every epoch; ASHA stops the weak trials early. The first
+trial is the training defaults, and a trial replaces them only when it beats them by more
+than one bootstrap standard error of the validation PR-AUC: with the few dozen positives
+of a small validation split most differences between trials are noise. Trial
 resources are derived from what the Ray cluster offers, so a small machine never waits
 on a request it cannot meet. Runs on a local Ray instance by default and on an existing
 cluster when ``RAY_ADDRESS`` is set. Writes ``best_config.json`` for ``train`` and logs
@@ -64,9 +67,34 @@ def trial(config: dict, *, pre: Preprocessor, train, validation, epochs: int, th
     cfg = TrainConfig.from_dict({**config, "epochs": epochs, "patience": epochs, "members": 1})
     fit(
         cfg, pre, train, validation, num_threads=threads,
+        pr_auc_se=True,
         on_epoch=lambda epoch, m: tune.report({METRIC: _finite(m["val_pr_auc"]), "val_auc": _finite(m["val_auc"]),
+                                               f"{METRIC}_se": _finite(m["val_pr_auc_se"]),
                                                "train_loss": m["train_loss"]}),
     )
+
+
+def select(trials: list[dict], defaults: dict) -> tuple[dict, dict]:
+    """The trial ``train`` gets, and why.
+
+    The best trial by :data:`METRIC`, unless the defaults' trial (config equal to
+    ``defaults`` on its keys) is within one standard error of it, the larger of the two
+    trials' bootstrap errors at their best epochs; then the defaults. A one-standard-error
+    rule: a small validation split cannot tell such trials apart, and the defaults were
+    chosen over many seeds.
+    """
+    ok = [t for t in trials if "error" not in t]
+    best = max(ok, key=lambda t: t[METRIC])
+    default = next((t for t in ok if all(t["config"].get(k) == v for k, v in defaults.items())), None)
+    selection = {"rule": "one standard error", "best_value": best[METRIC], "best_se": best.get("se")}
+    if default is None or default is best:
+        return best, {**selection, "chosen": "best", "why": "defaults' trial is the best" if default else
+                      "defaults' trial did not finish"}
+    margin = max(best.get("se") or 0.0, default.get("se") or 0.0)
+    selection.update(default_value=default[METRIC], default_se=default.get("se"), margin=margin)
+    if best[METRIC] - default[METRIC] > margin:
+        return best, {**selection, "chosen": "best", "why": "beats the defaults by more than one standard error"}
+    return default, {**selection, "chosen": "defaults", "why": "best is within one standard error of the defaults"}
 
 
 def _finite(value: float) -> float:
@@ -149,12 +177,21 @@ def run(args) -> dict:
             trials.append({"config": result.config, "error": str(result.error)})
             continue
         history = result.metrics_dataframe
-        best_value = float(history[METRIC].max()) if history is not None and len(history) else 0.0
-        trials.append({"config": result.config, METRIC: best_value, "epochs": int(result.metrics["training_iteration"])})
+        best_value, se = 0.0, None
+        if history is not None and len(history):
+            top = history.loc[history[METRIC].idxmax()]
+            best_value = float(top[METRIC])
+            se = float(top[f"{METRIC}_se"]) if f"{METRIC}_se" in top else None
+        trials.append({"config": result.config, METRIC: best_value, "se": se,
+                       "epochs": int(result.metrics["training_iteration"])})
     ok = [t for t in trials if "error" not in t]
     if not ok:
         cli.fail(f"all {len(trials)} tuning trials failed; first error: {trials[0].get('error')}")
-    best = max(ok, key=lambda t: t[METRIC])
+    best, selection = select(trials, starting_point(space))
+    logger.info("selected the %s trial: %s (best %.4f, defaults %s, margin %s)", selection["chosen"],
+                selection["why"], selection["best_value"],
+                f"{selection['default_value']:.4f}" if "default_value" in selection else "n/a",
+                f"{selection['margin']:.4f}" if "margin" in selection else "n/a")
     best_config = {k: v for k, v in best["config"].items()}
     tracking.configure()
     with mlflow.start_run(run_name=f"tune-{spec.name}", tags={tracking.TAG_DAG_RUN_ID: args.run_id,
@@ -163,20 +200,24 @@ def run(args) -> dict:
         mlflow.log_params(tracking.clean_params({"trials": args.trials, "max_epochs": args.max_epochs,
                                                  "grace_period": args.grace_period}))
         mlflow.log_metric(f"best_{METRIC}", best[METRIC])
+        mlflow.set_tag("adfraud.tune_selection", selection["chosen"])
         for i, t in enumerate(trials):
             with mlflow.start_run(run_name=f"trial-{i:03d}", nested=True):
                 mlflow.log_params(tracking.clean_params(t["config"]))
                 if "error" not in t:
-                    mlflow.log_metrics({METRIC: t[METRIC], "epochs": t["epochs"]})
-    payload = {"config": best_config, "metric": METRIC, "value": best[METRIC], "trials": trials}
+                    mlflow.log_metrics({METRIC: t[METRIC], "epochs": t["epochs"],
+                                        **({f"{METRIC}_se": t["se"]} if t["se"] is not None else {})})
+    payload = {"config": best_config, "metric": METRIC, "value": best[METRIC], "selection": selection,
+               "trials": trials}
     storage.write_json(storage.join(args.output, "best_config.json"), payload)
-    logger.info("best of %d trials: %s = %.4f with %s", len(trials), METRIC, best[METRIC], best_config)
+    logger.info("chosen of %d trials: %s = %.4f with %s", len(trials), METRIC, best[METRIC], best_config)
     return {
         "dataset": spec.name,
         "best_config_uri": storage.join(args.output, "best_config.json"),
         "best_config": best_config,
         "best_metric": METRIC,
         "best_value": best[METRIC],
+        "selection": selection["chosen"],
         "trials": len(trials),
         "trials_failed": len(trials) - len(ok),
         "mlflow_run_id": parent.info.run_id,

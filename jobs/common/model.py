@@ -29,6 +29,10 @@ class ModelConfig:
     :param target_smoothing: pseudo-count of the prior in that estimate.
     :param numeric_bins: piecewise-linear encoding of each numeric input over this many
         training-split quantile bins, beside the input itself; 0 turns it off.
+    :param target_pairs: pairs of categorical column indices whose combination also gets
+        a target encoding (app and channel together, say); needs ``target_encoding``.
+        A pair with more combinations than :data:`PAIR_TABLE_CAP` shares table rows by
+        the combined id modulo the cap.
     """
 
     cardinalities: list[int]
@@ -39,12 +43,52 @@ class ModelConfig:
     target_encoding: bool = False
     target_smoothing: float = 100.0
     numeric_bins: int = 0
+    target_pairs: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n_cat = len(self.cardinalities)
+        for pair in self.target_pairs:
+            if len(pair) != 2 or pair[0] == pair[1] or not all(0 <= i < n_cat for i in pair):
+                raise ValueError(f"target_pairs: {pair!r} is not two distinct column indices below {n_cat}")
+        if self.target_pairs and not self.target_encoding:
+            raise ValueError("target_pairs needs target_encoding")
+
+    def encoded_sizes(self) -> list[int]:
+        """Table rows of each target-encoded input: every column, then every pair."""
+        k = self.cardinalities
+        return list(k) + [min(k[a] * k[b], PAIR_TABLE_CAP) for a, b in self.target_pairs]
 
     def embedding_dims(self) -> list[int]:
         return [max(2, min(self.max_embedding_dim, round(1.6 * k**0.56))) for k in self.cardinalities]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# Most table rows one pair's target encoding takes (64k floats).
+PAIR_TABLE_CAP = 1 << 16
+
+
+def all_pairs(n_columns: int) -> list[list[int]]:
+    """Every unordered pair of ``n_columns`` categorical columns."""
+    return [[a, b] for a in range(n_columns) for b in range(a + 1, n_columns)]
+
+
+def encoded_ids(categorical: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """``[n, n_encoded]`` row ids of each target-encoded input in its own table.
+
+    A column's id is its own; a pair's is ``id_a * k_b + id_b``, modulo the pair's table
+    size when the combinations outnumber :data:`PAIR_TABLE_CAP`. Used by the graph and by
+    :meth:`FraudNet.fit_encodings`, so training, export and serving agree.
+    """
+    k = config.cardinalities
+    columns = [categorical[:, i] for i in range(len(k))]
+    for (a, b), size in zip(config.target_pairs, config.encoded_sizes()[len(k):], strict=True):
+        combined = categorical[:, a] * k[b] + categorical[:, b]
+        if k[a] * k[b] > size:
+            combined = torch.remainder(combined, size)
+        columns.append(combined)
+    return torch.stack(columns, dim=1)
 
 
 class FraudNet(nn.Module):
@@ -72,14 +116,15 @@ class FraudNet(nn.Module):
         self.embeddings = nn.ModuleList(
             nn.Embedding(k, d) for k, d in zip(config.cardinalities, config.embedding_dims(), strict=True)
         )
-        n_cat, bins = len(config.cardinalities), config.numeric_bins
+        bins = config.numeric_bins
         width = sum(config.embedding_dims()) + config.n_numeric * (1 + bins)
         if config.target_encoding:
-            # One row per id of every column, offset by column: a single gather in the graph.
-            self.register_buffer("te_table", torch.zeros(sum(config.cardinalities)))
-            self.register_buffer("te_offsets", torch.tensor(_offsets(config.cardinalities), dtype=torch.int64))
-            self.register_buffer("te_scale", torch.ones(2, n_cat))  # mean, std of the encoded values
-            width += n_cat
+            # One row per id of every column and pair, offset by input: a single gather in the graph.
+            sizes = config.encoded_sizes()
+            self.register_buffer("te_table", torch.zeros(sum(sizes)))
+            self.register_buffer("te_offsets", torch.tensor(_offsets(sizes), dtype=torch.int64))
+            self.register_buffer("te_scale", torch.ones(2, len(sizes)))  # mean, std of the encoded values
+            width += len(sizes)
         if bins:
             # Bins past a column's distinct quantiles start beyond every value and stay 0.
             self.register_buffer("bin_low", torch.full((config.n_numeric, bins), _UNUSED_BIN))
@@ -101,7 +146,7 @@ class FraudNet(nn.Module):
             parts.append(torch.clamp(position, 0.0, 1.0).flatten(1))
         if self.config.target_encoding:
             if target_encoded is None:
-                target_encoded = self.te_table[categorical + self.te_offsets]
+                target_encoded = self.te_table[encoded_ids(categorical, self.config) + self.te_offsets]
             parts.append((target_encoded - self.te_scale[0]) / self.te_scale[1])
         return self.mlp(torch.cat(parts, dim=1)).squeeze(1)
 
@@ -111,9 +156,9 @@ class FraudNet(nn.Module):
     ) -> np.ndarray | None:
         """Fit the encodings on the training split; return its out-of-fold target encodings.
 
-        The returned ``[n, n_categorical]`` array (None without target encoding) is what
+        The returned ``[n, n_encoded]`` array (columns, then pairs; (None without target encoding) is what
         each training row must be scored with: the statistics of the other folds, since
-        the full table includes the row's own label. Validation, test and serving rows
+        the full table includes the row's own label). Validation, test and serving rows
         use the full table. Deterministic for a given ``seed``.
         """
         if self.config.numeric_bins:
@@ -130,12 +175,16 @@ class FraudNet(nn.Module):
         fold_rows = np.bincount(fold, minlength=folds)
         fold_positives = np.bincount(fold, weights=label, minlength=folds)
         fold_prior = (label.sum() - fold_positives) / np.maximum(len(label) - fold_rows, 1)
-        table = np.empty(sum(self.config.cardinalities))
-        out_of_fold = np.empty(categorical.shape, dtype=np.float32)
-        for j, (k, offset) in enumerate(zip(self.config.cardinalities, _offsets(self.config.cardinalities), strict=True)):
+        for j, k in enumerate(self.config.cardinalities):
             ids = categorical[:, j]
             if len(ids) and (ids.min() < 0 or ids.max() >= k):
                 raise ValueError(f"categorical column {j}: ids span {ids.min()}..{ids.max()}, the table has {k}")
+        sizes = self.config.encoded_sizes()
+        all_ids = encoded_ids(torch.from_numpy(np.ascontiguousarray(categorical, dtype=np.int64)), self.config).numpy()
+        table = np.empty(sum(sizes))
+        out_of_fold = np.empty(all_ids.shape, dtype=np.float32)
+        for j, (k, offset) in enumerate(zip(sizes, _offsets(sizes), strict=True)):
+            ids = all_ids[:, j]
             positives = np.bincount(ids, weights=label, minlength=k)
             counts = np.bincount(ids, minlength=k).astype(np.float64)
             table[offset : offset + k] = smoothed_log_odds(positives, counts, prior, self.config.target_smoothing)

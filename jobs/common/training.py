@@ -26,7 +26,8 @@ from torch import nn
 from jobs.common import storage
 from jobs.common.datasets import DatasetSpec
 from jobs.common.features import Preprocessor
-from jobs.common.model import FraudEnsemble, FraudNet, ModelConfig, predict_proba
+from jobs.common.metrics import average_precision_se
+from jobs.common.model import FraudEnsemble, FraudNet, ModelConfig, all_pairs, predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class TrainConfig:
     :param target_encoding: give the model per-id target statistics (see :class:`FraudNet`).
     :param target_smoothing: prior pseudo-count of those statistics.
     :param numeric_bins: quantile bins of the piecewise-linear numeric encoding; 0 = off.
+    :param target_pairs: also target-encode every pair of categorical columns.
     :param members: networks trained with seeds ``seed, seed + 1, ...`` and averaged.
     :param seed: seed for weights, batch order and the target-encoding folds.
     """
@@ -57,7 +59,7 @@ class TrainConfig:
     batch_size: int = 1024
     weight_decay: float = 1e-5
     dropout: float = 0.3
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    hidden: list[int] = field(default_factory=lambda: [256, 128])
     max_embedding_dim: int = 16
     epochs: int = 8
     patience: int = 3
@@ -65,7 +67,8 @@ class TrainConfig:
     target_encoding: bool = True
     target_smoothing: float = 100.0
     numeric_bins: int = 8
-    members: int = 3
+    target_pairs: bool = False
+    members: int = 5
     seed: int = 7
 
     def __post_init__(self) -> None:
@@ -239,13 +242,15 @@ def fit(
     backend: Backend | None = None,
     on_epoch: EpochCallback | None = None,
     num_threads: int | None = None,
+    pr_auc_se: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``config.members`` networks and return the model with a summary.
 
     One member is a :class:`FraudNet`; several are trained one after another, member
     ``i`` with seed ``config.seed + i``, and returned as a :class:`FraudEnsemble` that
     averages their logits. ``on_epoch`` sees each member's metrics, prefixed with
-    ``member<i>/`` when there are several.
+    ``member<i>/`` when there are several. ``pr_auc_se`` adds each epoch's bootstrap
+    standard error of the validation PR-AUC (``val_pr_auc_se``) to those metrics.
     """
     backend = backend or Backend()
     if config.members < 1:
@@ -266,7 +271,7 @@ def fit(
                 on_epoch(epoch, {_prefix + k: v for k, v in metrics.items()})
         if backend.rank == 0 and config.members > 1:
             logger.info("training member %d of %d (seed %d)", member + 1, config.members, member_config.seed)
-        net, summary = _fit_one(member_config, pre, train, validation, backend, callback, num_threads)
+        net, summary = _fit_one(member_config, pre, train, validation, backend, callback, num_threads, pr_auc_se)
         nets.append(net)
         summaries.append(summary)
     if config.members == 1:
@@ -309,6 +314,7 @@ def _fit_one(
     backend: Backend,
     on_epoch: EpochCallback | None,
     num_threads: int | None,
+    pr_auc_se: bool = False,
 ) -> tuple[FraudNet, dict[str, Any]]:
     """Train one :class:`FraudNet` and return its best epoch's weights with a summary.
 
@@ -331,6 +337,7 @@ def _fit_one(
             target_encoding=config.target_encoding,
             target_smoothing=config.target_smoothing,
             numeric_bins=config.numeric_bins,
+            target_pairs=all_pairs(len(pre.cardinalities)) if config.target_pairs and config.target_encoding else [],
         )
     )
     # Every worker holds the whole training split, so all fit the same encodings.
@@ -358,7 +365,8 @@ def _fit_one(
     for epoch in range(1, config.epochs + 1):
         model.train()
         epoch_start = time.perf_counter()
-        order = np.random.default_rng(config.seed + epoch).permutation(len(train))
+        # Seeded by (seed, epoch): member i + 1 must not replay member i's orders one epoch late.
+        order = np.random.default_rng((config.seed, epoch)).permutation(len(train))
         usable = (len(order) // backend.world_size) * backend.world_size
         shard = torch.from_numpy(order[:usable][backend.rank :: backend.world_size])
         total, steps = 0.0, 0
@@ -381,6 +389,8 @@ def _fit_one(
             "val_auc": roc_auc(validation.label, scores),
             "val_pr_auc": average_precision(validation.label, scores),
         }
+        if pr_auc_se:
+            metrics["val_pr_auc_se"] = average_precision_se(validation.label, scores, seed=epoch)
         history.append({"epoch": epoch, **metrics})
         if backend.rank == 0:
             logger.info(

@@ -44,3 +44,26 @@ def test_at_threshold_confusion_matrix():
 def test_ranking_metrics_undefined_for_one_class():
     out = metrics.ranking_metrics(np.zeros(5), np.linspace(0, 1, 5))
     assert out["auc"] is None and out["pr_auc"] is None and out["rows"] == 5
+
+
+def test_average_precision_se_matches_the_spread_over_fresh_samples():
+    """The bootstrap error of one sample is close to the PR-AUC's spread over new samples
+    of the same population: 15,000 rows, about 30 positives, like a small validation split."""
+    rng = np.random.default_rng(0)
+
+    def sample():
+        y = (rng.random(15_000) < 0.002).astype(int)
+        return y, rng.normal(size=len(y)) + 2.5 * y
+
+    from sklearn.metrics import average_precision_score
+
+    spread = np.std([average_precision_score(*sample()) for _ in range(100)])
+    estimates = [metrics.average_precision_se(*sample(), resamples=100, seed=i) for i in range(5)]
+    assert 0.6 * spread < np.median(estimates) < 1.5 * spread
+    # More positives, smaller error.
+    y = (rng.random(15_000) < 0.05).astype(int)
+    assert metrics.average_precision_se(y, rng.normal(size=len(y)) + 2.5 * y) < 0.5 * spread
+
+
+def test_average_precision_se_is_nan_for_one_class():
+    assert np.isnan(metrics.average_precision_se(np.zeros(10), np.arange(10.0)))

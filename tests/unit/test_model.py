@@ -193,3 +193,74 @@ def test_training_refuses_a_validation_split_without_both_labels():
     validation = SplitArrays(cats[negatives][:100], nums[negatives][:100], label[negatives][:100])
     with pytest.raises(ValueError, match=r"validation split \(100 rows, 0 positive\) needs both labels"):
         fit(TrainConfig(members=2, epochs=1), pre, train, validation, num_threads=1)
+
+
+def test_a_pair_gets_the_target_encoding_of_the_combination():
+    """Column 0's id 1 is positive only with column 1's id 2: neither column alone says so."""
+    rng = np.random.default_rng(1)
+    n = 4_000
+    cats = np.stack([rng.integers(0, k, n) for k in CARDINALITIES], axis=1).astype(np.int64)
+    label = (rng.random(n) < np.where((cats[:, 0] == 1) & (cats[:, 1] == 2), 0.7, 0.02)).astype(np.float32)
+    nums = rng.normal(size=(n, 2)).astype(np.float32)
+    model = net(target_pairs=[[0, 1]], target_smoothing=10.0)
+    out_of_fold = model.fit_encodings(cats, nums, label)
+    assert out_of_fold.shape == (n, 3)
+    assert model.config.encoded_sizes() == [4, 3, 12]
+    pair_table = model.te_table[sum(CARDINALITIES):].numpy()
+    rows = (cats[:, 0] == 1) & (cats[:, 1] == 2)
+    rate = (label[rows].sum() + 10.0 * label.mean()) / (rows.sum() + 10.0)
+    assert pair_table[1 * 3 + 2] == pytest.approx(np.log(rate / (1 - rate)), rel=1e-5)
+    # The combination stands out from every other pair with the same column-0 id.
+    assert pair_table[1 * 3 + 2] > pair_table[[3, 4]].max() + 2.0
+    # The graph gathers the same values as the table.
+    c = torch.from_numpy(cats[:20])
+    from jobs.common.model import encoded_ids
+
+    ids = encoded_ids(c, model.config)
+    assert torch.equal(ids[:, 2], c[:, 0] * 3 + c[:, 1])
+
+
+def test_pair_encodings_stay_out_of_fold():
+    cats, nums, label = toy_split()
+    before = net(target_pairs=[[0, 1]]).fit_encodings(cats, nums, label, seed=3)
+    flipped = label.copy()
+    flipped[17] = 1.0 - flipped[17]
+    after = net(target_pairs=[[0, 1]]).fit_encodings(cats, nums, flipped, seed=3)
+    assert np.array_equal(after[17], before[17])
+
+
+def test_a_pair_with_more_combinations_than_the_cap_shares_rows_by_modulo(monkeypatch):
+    from jobs.common import model as model_module
+
+    monkeypatch.setattr(model_module, "PAIR_TABLE_CAP", 5)
+    config = ModelConfig(CARDINALITIES, 2, target_encoding=True, target_pairs=[[0, 1]])
+    assert config.encoded_sizes() == [4, 3, 5]
+    c = torch.tensor([[3, 2], [0, 0], [1, 2]])
+    assert model_module.encoded_ids(c, config)[:, 2].tolist() == [11 % 5, 0, 5 % 5]
+    cats, nums, label = toy_split()
+    model = FraudNet(config)
+    model.fit_encodings(cats, nums, label)
+    assert model.te_table.shape == (4 + 3 + 5,)
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ([[0, 0]], "not two distinct column indices"),
+    ([[0, 2]], "not two distinct column indices below 2"),
+    ([[0]], "not two distinct column indices"),
+])
+def test_bad_pairs_are_refused(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(CARDINALITIES, 2, target_encoding=True, target_pairs=pairs)
+    with pytest.raises(ValueError, match="target_pairs needs target_encoding"):
+        ModelConfig(CARDINALITIES, 2, target_pairs=[[0, 1]])
+
+
+def test_onnx_graph_with_pair_encodings_matches_pytorch(tmp_path):
+    from jobs.export import export_onnx, onnx_parity
+
+    cats, nums, label = toy_split()
+    model = net(target_pairs=[[0, 1]])
+    model.fit_encodings(cats, nums, label)
+    path = str(tmp_path / "model.onnx")
+    export_onnx(model, len(CARDINALITIES), 2, path)
+    assert onnx_parity(path, model, cats[:500], nums[:500])["max_abs_diff"] < 1e-5
