@@ -64,6 +64,7 @@ DEFAULTS = {
     "input_path": "",
     "rows": 200_000,
     "epochs": 8,
+    "members": 8,
     "trials": 4,
     "tune_epochs": 3,
     "workers": 2,
@@ -128,6 +129,8 @@ with DAG(
         "rows": Param(D["rows"], type="integer", minimum=1_000, maximum=100_000_000,
                       description="synthetic events to generate"),
         "epochs": Param(D["epochs"], type="integer", minimum=1, maximum=200, description="maximum training epochs"),
+        "members": Param(D["members"], type="integer", minimum=1, maximum=32,
+                         description="networks in the trained deep ensemble, one seed each"),
         "trials": Param(D["trials"], type="integer", minimum=1, maximum=256, description="Ray Tune trials"),
         "tune_epochs": Param(D["tune_epochs"], type="integer", minimum=1, maximum=50,
                              description="epochs of the longest trial"),
@@ -188,8 +191,8 @@ with DAG(
 
     train = train_task(StageSpec("train", [
         "--features", FEATURES, "--output", f"{RUN}/model", "--params", pull("tune", "best_config_uri"),
-        "--epochs", "{{ params.epochs }}", "--workers", "{{ params.workers }}", "--backend", "{{ params.backend }}",
-        "--seed", "{{ params.seed }}", "--run-id", "{{ run_id }}",
+        "--epochs", "{{ params.epochs }}", "--members", "{{ params.members }}", "--workers", "{{ params.workers }}",
+        "--backend", "{{ params.backend }}", "--seed", "{{ params.seed }}", "--run-id", "{{ run_id }}",
     ], Resources(cpu="4", memory="16Gi", gpu=1, image="trainer-gpu")), result_uri=f"{RUN}/results/train.json")
 
     evaluate = stage(StageSpec("evaluate", [

@@ -34,16 +34,23 @@ def average_precision_se(label: np.ndarray, score: np.ndarray, resamples: int = 
     label = np.asarray(label, dtype=np.float64)
     if not 0 < label.sum() < len(label):
         return float("nan")
-    y = label[np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")]
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
+    y, ranked = label[order], np.asarray(score, dtype=np.float64)[order]
+    # Tied scores are one threshold, as in sklearn: precision is read at a tie group's end.
+    group_end = np.r_[ranked[1:] != ranked[:-1], True]
     rng = np.random.default_rng(seed)
     values = np.empty(resamples)
     for i in range(resamples):
-        w = rng.poisson(1.0, len(y)).astype(np.float64)
-        true_positives = np.cumsum(w * y)
-        precision = true_positives / np.maximum(np.cumsum(w), 1e-12)
-        positives = (w * y).sum()
-        values[i] = (w * y * precision).sum() / positives if positives else np.nan
+        values[i] = _weighted_average_precision(y, group_end, rng.poisson(1.0, len(y)).astype(np.float64))
     return float(np.nanstd(values, ddof=1))
+
+
+def _weighted_average_precision(y: np.ndarray, group_end: np.ndarray, w: np.ndarray) -> float:
+    """Average precision of rows sorted by descending score, each row counted ``w`` times."""
+    true_positives = np.cumsum(w * y)[group_end]
+    precision = true_positives / np.maximum(np.cumsum(w)[group_end], 1e-12)
+    gained = np.diff(true_positives, prepend=0.0)
+    return float((gained * precision).sum() / true_positives[-1]) if true_positives[-1] else float("nan")
 
 
 def choose_threshold(label: np.ndarray, score: np.ndarray) -> float:

@@ -31,8 +31,8 @@ class ModelConfig:
         training-split quantile bins, beside the input itself; 0 turns it off.
     :param target_pairs: pairs of categorical column indices whose combination also gets
         a target encoding (app and channel together, say); needs ``target_encoding``.
-        A pair with more combinations than :data:`PAIR_TABLE_CAP` shares table rows by
-        the combined id modulo the cap.
+        A pair with more combinations than ``pair_table_cap`` shares table rows by the
+        combined id modulo the cap (saved with the model, so the tables keep their size).
     """
 
     cardinalities: list[int]
@@ -44,6 +44,7 @@ class ModelConfig:
     target_smoothing: float = 100.0
     numeric_bins: int = 0
     target_pairs: list[list[int]] = field(default_factory=list)
+    pair_table_cap: int = 0  # 0: PAIR_TABLE_CAP
 
     def __post_init__(self) -> None:
         n_cat = len(self.cardinalities)
@@ -52,11 +53,13 @@ class ModelConfig:
                 raise ValueError(f"target_pairs: {pair!r} is not two distinct column indices below {n_cat}")
         if self.target_pairs and not self.target_encoding:
             raise ValueError("target_pairs needs target_encoding")
+        if not self.pair_table_cap:
+            self.pair_table_cap = PAIR_TABLE_CAP
 
     def encoded_sizes(self) -> list[int]:
         """Table rows of each target-encoded input: every column, then every pair."""
         k = self.cardinalities
-        return list(k) + [min(k[a] * k[b], PAIR_TABLE_CAP) for a, b in self.target_pairs]
+        return list(k) + [min(k[a] * k[b], self.pair_table_cap) for a, b in self.target_pairs]
 
     def embedding_dims(self) -> list[int]:
         return [max(2, min(self.max_embedding_dim, round(1.6 * k**0.56))) for k in self.cardinalities]
@@ -78,7 +81,7 @@ def encoded_ids(categorical: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """``[n, n_encoded]`` row ids of each target-encoded input in its own table.
 
     A column's id is its own; a pair's is ``id_a * k_b + id_b``, modulo the pair's table
-    size when the combinations outnumber :data:`PAIR_TABLE_CAP`. Used by the graph and by
+    size when the combinations outnumber the cap. Used by the graph and by
     :meth:`FraudNet.fit_encodings`, so training, export and serving agree.
     """
     k = config.cardinalities
@@ -97,8 +100,8 @@ class FraudNet(nn.Module):
     Two optional encodings are part of the module, so an exported graph takes the same
     two inputs whatever the configuration:
 
-    - target encoding: a table per categorical column of the smoothed log-odds of label 1
-      among training rows with that id. It gives the network, from the first step, the
+    - target encoding: a table per categorical column (and per chosen pair of columns) of
+      the smoothed log-odds of label 1 among training rows with that id. It gives the network, from the first step, the
       per-id statistics a gradient-boosting model finds by its categorical splits, which
       matters when positives are few (164 in the TalkingData sample's training split).
     - piecewise-linear encoding of numbers over training-split quantile bins (Gorishniy
@@ -156,7 +159,7 @@ class FraudNet(nn.Module):
     ) -> np.ndarray | None:
         """Fit the encodings on the training split; return its out-of-fold target encodings.
 
-        The returned ``[n, n_encoded]`` array (columns, then pairs; (None without target encoding) is what
+        The returned ``[n, n_encoded]`` array (columns, then pairs; None without target encoding) is what
         each training row must be scored with: the statistics of the other folds, since
         the full table includes the row's own label). Validation, test and serving rows
         use the full table. Deterministic for a given ``seed``.

@@ -68,7 +68,7 @@ class TrainConfig:
     target_smoothing: float = 100.0
     numeric_bins: int = 8
     target_pairs: bool = False
-    members: int = 5
+    members: int = 8
     seed: int = 7
 
     def __post_init__(self) -> None:
@@ -85,6 +85,7 @@ class TrainConfig:
             "target_smoothing": self.target_smoothing > 0,
             "numeric_bins": self.numeric_bins >= 0,
             "members": self.members >= 1,
+            "target_pairs": self.target_encoding or not self.target_pairs,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -1,9 +1,10 @@
 """Minimum quality on real clicks: the neural model against the LightGBM baseline.
 
 The TalkingData sample's test split (the last 15% of clicks by time) has 35 attributed
-clicks, so one seed's AUC moves by more than the gap between the two model families.
-Both models are therefore trained with the same five seeds on the same ETL output, and
-the means are compared, as ``bench/bench_quality.py`` reports them.
+clicks, so one seed's AUC moves by about as much as the gap between the two model
+families. Both models are therefore trained with the same five seeds on the same ETL
+output, as ``bench/bench_quality.py`` reports them: the means are compared, and each
+seed's pair.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ def test_neural_model_ranks_at_least_as_well_as_lightgbm(scores):
     neural, gbdt = scores["neural"], scores["lightgbm"]
     assert mean(neural, "test_auc") >= mean(gbdt, "test_auc")
     assert mean(neural, "test_pr_auc") >= mean(gbdt, "test_pr_auc")
-    # Not by luck of one seed: every network is above the issue's 0.99 floor.
+    # Not by luck of one seed: every network is above the issue's 0.99 floor...
     assert min(r["test_auc"] for r in neural) >= 0.99
+    # ...and at least LightGBM's with the same seed, as in one DAG run, on at least 4 of the
+    # 5 seeds (all 5 when this was written; the closest margin was 0.0004, half a click).
+    wins = [seed for seed, n, g in zip(SEEDS, neural, gbdt, strict=True) if n["test_auc"] >= g["test_auc"]]
+    assert len(wins) >= 4, f"the network wins only with seeds {wins}"
 
 
 def test_neural_model_is_better_on_the_validation_split(scores):

@@ -111,7 +111,7 @@ def test_stage_order(dag):
 def test_params_have_json_schema_types(dag):
     schema = {k: v.schema for k, v in dag.params.items()}
     assert schema["source"]["enum"] == ["synthetic", "talkingdata"]
-    for name in ("rows", "epochs", "trials", "seed", "workers"):
+    for name in ("rows", "epochs", "members", "trials", "seed", "workers"):
         assert schema[name]["type"] == "integer", name
     assert schema["min_auc_margin"]["type"] == schema["max_pr_auc_drop"]["type"] == "number"
     assert schema["auto_approve"]["type"] == "boolean"
@@ -158,6 +158,14 @@ def test_auto_approve_default_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ADFRAUD_AUTO_APPROVE", "true")
     dag = load_dag(monkeypatch, "local", home=str(tmp_path))
     assert dag.params["auto_approve"] is True
+
+
+def test_training_params_default_to_the_trainers_defaults(dag):
+    """The DAG file imports no torch, so it repeats these; they must not drift apart."""
+    from jobs.common.training import TrainConfig
+
+    assert dag.params["members"] == TrainConfig().members
+    assert dag.params["epochs"] == TrainConfig().epochs
 
 
 def test_param_defaults_file_sets_what_scheduled_runs_use(monkeypatch, tmp_path):

@@ -67,3 +67,15 @@ def test_average_precision_se_matches_the_spread_over_fresh_samples():
 
 def test_average_precision_se_is_nan_for_one_class():
     assert np.isnan(metrics.average_precision_se(np.zeros(10), np.arange(10.0)))
+
+
+def test_weighted_average_precision_with_unit_weights_is_sklearns_ties_included():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(5_000) < 0.01).astype(float)
+    score = np.round(rng.normal(size=len(y)) + 2.0 * y, 1)  # many ties
+    order = np.argsort(-score, kind="stable")
+    group_end = np.r_[score[order][1:] != score[order][:-1], True]
+    value = metrics._weighted_average_precision(y[order], group_end, np.ones(len(y)))
+    assert value == pytest.approx(average_precision_score(y, score), rel=1e-12)

@@ -229,18 +229,23 @@ def test_pair_encodings_stay_out_of_fold():
     assert np.array_equal(after[17], before[17])
 
 
-def test_a_pair_with_more_combinations_than_the_cap_shares_rows_by_modulo(monkeypatch):
-    from jobs.common import model as model_module
+def test_a_pair_with_more_combinations_than_the_cap_shares_rows_by_modulo(tmp_path):
+    from jobs.common.model import encoded_ids
 
-    monkeypatch.setattr(model_module, "PAIR_TABLE_CAP", 5)
-    config = ModelConfig(CARDINALITIES, 2, target_encoding=True, target_pairs=[[0, 1]])
+    config = ModelConfig(CARDINALITIES, 2, target_encoding=True, target_pairs=[[0, 1]], pair_table_cap=5)
     assert config.encoded_sizes() == [4, 3, 5]
     c = torch.tensor([[3, 2], [0, 0], [1, 2]])
-    assert model_module.encoded_ids(c, config)[:, 2].tolist() == [11 % 5, 0, 5 % 5]
+    assert encoded_ids(c, config)[:, 2].tolist() == [11 % 5, 0, 5 % 5]
     cats, nums, label = toy_split()
-    model = FraudNet(config)
+    model = FraudNet(config).eval()
     model.fit_encodings(cats, nums, label)
     assert model.te_table.shape == (4 + 3 + 5,)
+    # The cap travels with the checkpoint: the tables load at the size they were fitted at.
+    save_checkpoint(model, str(tmp_path / "m.pt"))
+    loaded, _ = load_checkpoint(str(tmp_path / "m.pt"))
+    assert loaded.config.pair_table_cap == 5
+    assert np.array_equal(predict_proba(loaded, cats, nums), predict_proba(model, cats, nums))
+    assert ModelConfig(CARDINALITIES, 2).pair_table_cap == 1 << 16
 
 
 @pytest.mark.parametrize("pairs, message", [
