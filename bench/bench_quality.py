@@ -3,7 +3,7 @@
 Runs the TalkingData sample through ingest and the Spark ETL once (or takes an ETL
 output), then trains, with each seed, LightGBM and the network's steps so far: plain
 embeddings + a 128-64 MLP, + target encoding, + piecewise-linear numeric encoding, a
-3-member ensemble of those, and what ``train`` builds by default (5 members of 256-128). It
+3-member ensemble of those, and what ``train`` builds by default (8 members of 256-128). It
 prints test AUC and PR-AUC on the last 15% of clicks by time (35 attributed), the
 validation AUC, and the mean over seeds with its ratio to LightGBM's.
 

@@ -188,19 +188,19 @@ def run(args) -> dict:
     ok = [t for t in trials if "error" not in t]
     if not ok:
         cli.fail(f"all {len(trials)} tuning trials failed; first error: {trials[0].get('error')}")
-    best, selection = select(trials, starting_point(space))
+    chosen, selection = select(trials, starting_point(space))
     logger.info("selected the %s trial: %s (best %.4f, defaults %s, margin %s)", selection["chosen"],
                 selection["why"], selection["best_value"],
                 f"{selection['default_value']:.4f}" if "default_value" in selection else "n/a",
                 f"{selection['margin']:.4f}" if "margin" in selection else "n/a")
-    best_config = {k: v for k, v in best["config"].items()}
+    best_config = dict(chosen["config"])
     tracking.configure()
     with mlflow.start_run(run_name=f"tune-{spec.name}", tags={tracking.TAG_DAG_RUN_ID: args.run_id,
                                                               tracking.TAG_DATASET: spec.name,
                                                               tracking.TAG_STAGE: "tune"}) as parent:
         mlflow.log_params(tracking.clean_params({"trials": args.trials, "max_epochs": args.max_epochs,
                                                  "grace_period": args.grace_period}))
-        mlflow.log_metrics({f"best_{METRIC}": selection["best_value"], f"chosen_{METRIC}": best[METRIC]})
+        mlflow.log_metrics({f"best_{METRIC}": selection["best_value"], f"chosen_{METRIC}": chosen[METRIC]})
         mlflow.set_tag("adfraud.tune_selection", selection["chosen"])
         for i, t in enumerate(trials):
             with mlflow.start_run(run_name=f"trial-{i:03d}", nested=True):
@@ -208,17 +208,17 @@ def run(args) -> dict:
                 if "error" not in t:
                     mlflow.log_metrics({METRIC: t[METRIC], "epochs": t["epochs"],
                                         **({f"{METRIC}_se": t["se"]} if t["se"] is not None else {})})
-    payload = {"config": best_config, "metric": METRIC, "value": best[METRIC], "selection": selection,
+    payload = {"config": best_config, "metric": METRIC, "value": chosen[METRIC], "selection": selection,
                "trials": trials}
     storage.write_json(storage.join(args.output, "best_config.json"), payload)
-    logger.info("chosen of %d trials: %s = %.4f with %s", len(trials), METRIC, best[METRIC], best_config)
+    logger.info("chosen of %d trials: %s = %.4f with %s", len(trials), METRIC, chosen[METRIC], best_config)
     return {
         "dataset": spec.name,
         "best_config_uri": storage.join(args.output, "best_config.json"),
         "best_config": best_config,
         "best_metric": METRIC,
         "best_value": selection["best_value"],
-        "chosen_value": best[METRIC],
+        "chosen_value": chosen[METRIC],
         "selection": selection["chosen"],
         "trials": len(trials),
         "trials_failed": len(trials) - len(ok),

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
+# Most table rows one pair's target encoding takes (64k floats).
+PAIR_TABLE_CAP = 1 << 16
+
 
 @dataclass
 class ModelConfig:
@@ -44,7 +47,7 @@ class ModelConfig:
     target_smoothing: float = 100.0
     numeric_bins: int = 0
     target_pairs: list[list[int]] = field(default_factory=list)
-    pair_table_cap: int = 0  # 0: PAIR_TABLE_CAP
+    pair_table_cap: int = PAIR_TABLE_CAP
 
     def __post_init__(self) -> None:
         n_cat = len(self.cardinalities)
@@ -53,8 +56,6 @@ class ModelConfig:
                 raise ValueError(f"target_pairs: {pair!r} is not two distinct column indices below {n_cat}")
         if self.target_pairs and not self.target_encoding:
             raise ValueError("target_pairs needs target_encoding")
-        if not self.pair_table_cap:
-            self.pair_table_cap = PAIR_TABLE_CAP
 
     def encoded_sizes(self) -> list[int]:
         """Table rows of each target-encoded input: every column, then every pair."""
@@ -66,10 +67,6 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# Most table rows one pair's target encoding takes (64k floats).
-PAIR_TABLE_CAP = 1 << 16
 
 
 def all_pairs(n_columns: int) -> list[list[int]]:
@@ -101,9 +98,10 @@ class FraudNet(nn.Module):
     two inputs whatever the configuration:
 
     - target encoding: a table per categorical column (and per chosen pair of columns) of
-      the smoothed log-odds of label 1 among training rows with that id. It gives the network, from the first step, the
-      per-id statistics a gradient-boosting model finds by its categorical splits, which
-      matters when positives are few (164 in the TalkingData sample's training split).
+      the smoothed log-odds of label 1 among training rows with that id. It gives the
+      network, from the first step, the per-id statistics a gradient-boosting model finds
+      by its categorical splits, which matters when positives are few (164 in the
+      TalkingData sample's training split).
     - piecewise-linear encoding of numbers over training-split quantile bins (Gorishniy
       et al., "On Embeddings for Numerical Features in Tabular Deep Learning", 2022): a
       count's effect can change at thresholds without the MLP spending units to find them.
@@ -159,10 +157,10 @@ class FraudNet(nn.Module):
     ) -> np.ndarray | None:
         """Fit the encodings on the training split; return its out-of-fold target encodings.
 
-        The returned ``[n, n_encoded]`` array (columns, then pairs; None without target encoding) is what
-        each training row must be scored with: the statistics of the other folds, since
-        the full table includes the row's own label). Validation, test and serving rows
-        use the full table. Deterministic for a given ``seed``.
+        The returned ``[n, n_encoded]`` array (columns, then pairs; None without target
+        encoding) is what each training row must be scored with: the statistics of the
+        other folds, since the full table includes the row's own label. Validation, test
+        and serving rows use the full table. Deterministic for a given ``seed``.
         """
         if self.config.numeric_bins:
             low, width = quantile_bins(numeric, self.config.numeric_bins)

@@ -338,7 +338,7 @@ def _fit_one(
             target_encoding=config.target_encoding,
             target_smoothing=config.target_smoothing,
             numeric_bins=config.numeric_bins,
-            target_pairs=all_pairs(len(pre.cardinalities)) if config.target_pairs and config.target_encoding else [],
+            target_pairs=all_pairs(len(pre.cardinalities)) if config.target_pairs else [],
         )
     )
     # Every worker holds the whole training split, so all fit the same encodings.
